@@ -1,0 +1,257 @@
+"""Recipes: one pydantic model per section, presets, TOML loading and `--set` overrides.
+
+Every section forbids unknown keys so a typo is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmforge.errors import ConfigError
+
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = "bundled:tinyshakespeare"
+    """A text/JSONL file, a glob, a folder, or `bundled:tinyshakespeare`."""
+    format: Literal["auto", "text", "jsonl"] = "auto"
+    text_field: str = "text"
+    doc_split: Literal["file", "paragraph", "line"] = "file"
+    """How plain text becomes documents: one per file, per blank-line block, or per line."""
+    val_split: Literal["tail", "hash"] = "tail"
+    """`tail`: the last `val_fraction` of the text (nanoGPT's split); `hash`: by document hash."""
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    shards_dir: str = "runs/demo/shards"
+    shard_tokens: int = Field(50_000_000, ge=1024)
+    workers: int = Field(0, ge=0)
+    """Tokenization processes; 0 = one per core."""
+
+
+class TokenizerConfig(Section):
+    kind: Literal["bpe", "byte", "pretrained"] = "bpe"
+    vocab_size: int = Field(4096, ge=257)
+    dir: str = "runs/demo/tokenizer"
+    pretrained: str = ""
+    """Path to a `tokenizer.json` or a tokenizer directory, for kind = "pretrained"."""
+    special_tokens: list[str] = Field(default_factory=lambda: list(SPECIAL_TOKENS))
+    add_bos: bool = True
+    """Start every document with `<|bos|>` (documents always end with `<|eos|>`)."""
+    max_train_chars: int = Field(0, ge=0)
+    """Train the BPE on at most this many characters of the train split (0 = all)."""
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=64),
+    "llama-demo": dict(arch="llama", n_layer=4, n_head=4, n_kv_head=4, n_embd=256, seq_len=256),
+    "nanogpt-cpu": dict(arch="gpt2", n_layer=4, n_head=4, n_kv_head=4, n_embd=128, seq_len=64, bias=False),
+    "gpt2-124m": dict(arch="gpt2", n_layer=12, n_head=12, n_kv_head=12, n_embd=768, seq_len=1024,
+                      vocab_size=50304, bias=True),
+    "llama-110m": dict(arch="llama", n_layer=12, n_head=12, n_kv_head=4, n_embd=768, seq_len=1024,
+                       vocab_size=32768),
+    "llama-270m": dict(arch="llama", n_layer=16, n_head=16, n_kv_head=4, n_embd=1024, seq_len=2048,
+                       vocab_size=32768),
+}
+
+
+class ModelConfig(Section):
+    preset: str = ""
+    arch: Literal["gpt2", "llama"] = "llama"
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_kv_head: int = Field(0, ge=0)
+    """Key/value heads for grouped-query attention; 0 = n_head."""
+    n_embd: int = Field(256, ge=8)
+    seq_len: int = Field(256, ge=2)
+    vocab_size: int = Field(0, ge=0)
+    """0 = take it from the tokenizer."""
+    mlp_hidden: int = Field(0, ge=0)
+    """0 = 4 * n_embd for gpt2, about 8/3 * n_embd (rounded to 64) for llama."""
+    tie_embeddings: bool = True
+    rope_theta: float = Field(10000.0, gt=0)
+    bias: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm_eps: float = Field(1e-5, gt=0)
+    objective: Literal["autoregressive"] = "autoregressive"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset"):
+            name = data["preset"]
+            if name not in MODEL_PRESETS:
+                raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
+            data = {**MODEL_PRESETS[name], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        return 64 * ((8 * self.n_embd // 3 + 63) // 64)
+
+
+class TrainConfig(Section):
+    run_dir: str = "runs/demo"
+    max_steps: int = Field(1000, ge=1)
+    max_time_s: float = Field(0.0, ge=0)
+    """Stop (with a checkpoint) after this much training time; 0 = no limit."""
+    micro_batch_size: int = Field(16, ge=1)
+    batch_size_tokens: int = Field(0, ge=0)
+    """Global batch in tokens; 0 = micro_batch_size * seq_len * world size (no accumulation)."""
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """WSD: the fraction of steps spent decaying at the end."""
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 1337
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(200, ge=1)
+    save_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    threads: int = Field(0, ge=0)
+    """torch intra-op threads; 0 = leave PyTorch's default."""
+    sample_every: int = Field(0, ge=0)
+    """Write samples from the fixed prompts every this many steps (0 = only at the end)."""
+
+
+class EvalConfig(Section):
+    batches: int = Field(20, ge=1)
+    """Validation batches per periodic evaluation (random windows)."""
+    final: Literal["full", "batches"] = "full"
+    """Final evaluation: every validation token once (`full`) or `batches` random windows."""
+    stride: int = Field(0, ge=0)
+    """Sliding-window stride for the full evaluation; 0 = seq_len (no overlap)."""
+
+
+class SampleConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "First Citizen:\n", "To be, or not"])
+    max_new_tokens: int = Field(100, ge=1)
+    temperature: float = Field(0.8, ge=0)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 1234
+
+
+class Recipe(Section):
+    name: str = "demo"
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` → (["section", "key"], value), the value parsed as TOML when it can be."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 1:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: keep it as a string and let the schema judge it
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a TOML recipe (or the built-in defaults when `path` is None) and apply overrides."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} not found")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    raw = apply_overrides(raw, overrides or [])
+    return recipe_from_dict(raw, source if not overrides else f"{source} (with --set)")
+
+
+def to_toml(recipe: Recipe) -> str:
+    return tomli_w.dumps(recipe.model_dump(mode="json"))
+
+
+def section_hash(section: BaseModel) -> str:
+    """A short stable digest of a section, to tell whether an artifact is up to date."""
+    import hashlib
+
+    import orjson
+
+    return hashlib.sha256(orjson.dumps(section.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]

@@ -1,0 +1,81 @@
+"""Stages of a recipe chained together: tokenizer → shards → train → evaluate → samples."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import Recipe
+from lmforge.evaluate import evaluate_loss
+from lmforge.fsutil import atomic_write_json
+from lmforge.generate import SamplingParams, generate_text
+from lmforge.metrics import plot_runs
+
+
+def final_eval(tr, log: Callable = print) -> dict[str, Any]:
+    """Every validation token scored once (or the configured random batches), saved to eval/final.json."""
+    from lmforge.loaders.memmap import MemmapLoader
+
+    r = tr.recipe
+    if r.eval.final == "full":
+        loader = MemmapLoader(r.data.shards_dir, "val", r.train.micro_batch_size, r.model.seq_len,
+                              mode="sequential", stride=r.eval.stride or None, device=tr.device)
+        res = evaluate_loss(tr.raw, loader.iter_eval(), tr.token_bytes, device=tr.device, dtype=tr.dtype)
+    else:
+        res = evaluate_loss(tr.raw, tr.val_loader, tr.token_bytes, device=tr.device, dtype=tr.dtype,
+                            max_batches=r.eval.batches)
+    res["step"] = tr.step
+    if tr.dist.is_main:
+        atomic_write_json(tr.run_dir / "eval" / "final.json", res)
+    log(f"validation ({res['tokens']:,} tokens, {res['bytes']:,} bytes): loss {res['loss']:.4f} | "
+        f"perplexity {res['perplexity']:.2f} | bits per byte {res['bpb']:.4f}")
+    return res
+
+
+def write_samples(tr, log: Callable = print) -> list[tuple[str, str]]:
+    s = tr.recipe.sample
+    params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                            top_p=s.top_p)
+    out = []
+    for i, prompt in enumerate(s.prompts):
+        params.seed = s.seed + i
+        out.append((prompt, generate_text(tr.raw, tr.tokenizer, prompt, params)))
+    tr.raw.train()
+    if tr.dist.is_main:
+        with open(tr.run_dir / "samples.txt", "a", encoding="utf-8") as f:
+            for prompt, text in out:
+                f.write(f"=== step {tr.step} | prompt {prompt!r}\n{prompt}{text}\n\n")
+    return out
+
+
+def run_pipeline(recipe: Recipe, *, resume: bool = False, fresh: bool = True, log: Callable = print) -> dict:
+    from lmforge.shards import ensure_shards
+    from lmforge.tokenizer import ensure_tokenizer
+    from lmforge.train import run_loop, setup
+
+    t0 = time.perf_counter()
+    tokenizer = ensure_tokenizer(recipe, log=log)
+    ensure_shards(recipe, tokenizer, log=log)
+    t_data = time.perf_counter() - t0
+    tr = setup(recipe, resume=resume, fresh=fresh and not resume, log=log)
+    summary = run_loop(tr)
+    result = {"train": summary, "data_seconds": t_data}
+    if summary["interrupted"]:
+        return result
+    result["eval"] = final_eval(tr, log)
+    if tr.dist.is_main:
+        plots = plot_runs([tr.run_dir])
+        log(f"plots: {', '.join(str(p) for p in plots)}")
+        samples = write_samples(tr, log)
+        for prompt, text in samples:
+            log(f"\n--- sample: {prompt!r}\n{prompt}{text}")
+    result["seconds"] = time.perf_counter() - t0
+    log(f"\ndone in {result['seconds']:.0f} s (data {t_data:.1f} s, training {summary['seconds']:.0f} s); "
+        f"outputs in {Path(recipe.train.run_dir)}/")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return result
