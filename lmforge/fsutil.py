@@ -13,6 +13,13 @@ from pathlib import Path
 import orjson
 
 
+def _default_mode() -> int:
+    # mkstemp creates 0600 files; published artifacts get the usual umask-derived mode instead
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -33,6 +40,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, _default_mode())
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -67,6 +75,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, _default_mode() | 0o111)
     try:
         yield tmp
         for p in tmp.rglob("*"):
