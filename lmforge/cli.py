@@ -34,6 +34,10 @@ def _recipe(path: Path | None, sets: list[str] | None, print_config: bool):
     return recipe
 
 
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue training from the latest checkpoint")]
+StopAtOpt = Annotated[int | None, typer.Option("--stop-at", help="Save and stop after this step (resume later)")]
+
+
 @app.command()
 def demo(sets: SetOpt = None, print_config: PrintOpt = False) -> None:
     """The whole pipeline on the bundled Shakespeare corpus (CPU, a few minutes) → runs/demo."""
@@ -43,12 +47,12 @@ def demo(sets: SetOpt = None, print_config: PrintOpt = False) -> None:
 
 
 @app.command()
-def run(recipe: RecipeArg, sets: SetOpt = None, print_config: PrintOpt = False,
-        resume: Annotated[bool, typer.Option(help="Continue training from the latest checkpoint")] = False) -> None:
+def run(recipe: RecipeArg, sets: SetOpt = None, print_config: PrintOpt = False, resume: ResumeOpt = False,
+        stop_at: StopAtOpt = None) -> None:
     """Every stage of a recipe; an up-to-date tokenizer and shards are reused."""
     from lmforge.pipeline import run_pipeline
 
-    run_pipeline(_recipe(recipe, sets, print_config), resume=resume)
+    run_pipeline(_recipe(recipe, sets, print_config), resume=resume, stop_at=stop_at)
 
 
 @tokenizer_app.command("train")
@@ -114,20 +118,25 @@ def shards_inspect(path: Path) -> None:
 
 
 @app.command()
-def train(recipe: RecipeArg, sets: SetOpt = None, print_config: PrintOpt = False,
-          resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint")] = False,
-          fresh: Annotated[bool, typer.Option(help="Delete the run dir's checkpoints and logs first")] = False):
+def train(recipe: RecipeArg, sets: SetOpt = None, print_config: PrintOpt = False, resume: ResumeOpt = False,
+          fresh: Annotated[bool, typer.Option("--fresh", help="Delete the run's checkpoints and logs first")] = False,
+          stop_at: StopAtOpt = None,
+          profile: Annotated[bool, typer.Option("--profile", help="Write a profiler trace to RUN/profile")] = False,
+          find_batch_size: Annotated[bool, typer.Option("--find-batch-size",
+                                                        help="GPU: find the largest micro-batch that fits")] = False):
     """Train a model on existing shards (run `lmforge tokenize` first) → train.run_dir."""
-    from lmforge.pipeline import final_eval
-    from lmforge.train import run_loop, setup
+    from lmforge.pipeline import train_and_report
+    from lmforge.train import setup
 
-    tr = setup(_recipe(recipe, sets, print_config), resume=resume, fresh=fresh)
-    summary = run_loop(tr)
-    if summary["interrupted"]:
-        typer.echo(f"interrupted at step {tr.step}; checkpoint saved. Resume with: lmforge train {recipe} --resume",
-                   err=True)
-        raise typer.Exit(130)
-    final_eval(tr)
+    r = _recipe(recipe, sets, print_config)
+    if find_batch_size:
+        from lmforge.batch_size import find_batch_size as search
+
+        search(r)
+        return
+    tr = setup(r, resume=resume, fresh=fresh)
+    tr.stop_at = stop_at
+    train_and_report(tr, profile=profile)
 
 
 @app.command()

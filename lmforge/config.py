@@ -5,11 +5,11 @@ Every section forbids unknown keys so a typo is an error, not a silently ignored
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmforge.errors import ConfigError
@@ -134,6 +134,8 @@ class TrainConfig(Section):
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = Field(0.2, gt=0, le=1)
     """WSD: the fraction of steps spent decaying at the end."""
+    decay_start: int = Field(0, ge=0)
+    """WSD: the step where the decay starts (0 = from decay_fraction); set it on resume to decay now."""
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
@@ -146,10 +148,13 @@ class TrainConfig(Section):
     eval_every: int = Field(200, ge=1)
     save_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    early_stop_patience: int = Field(0, ge=0)
+    """Stop after this many validations without improvement (0 = never stop early)."""
+    early_stop_min_delta: float = Field(0.0, ge=0)
     threads: int = Field(0, ge=0)
     """torch intra-op threads; 0 = leave PyTorch's default."""
-    sample_every: int = Field(0, ge=0)
-    """Write samples from the fixed prompts every this many steps (0 = only at the end)."""
+    sample_at_eval: bool = True
+    """Write samples from the [sample] prompts to samples.txt at every validation."""
 
 
 class EvalConfig(Section):

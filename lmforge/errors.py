@@ -21,3 +21,9 @@ class CheckpointError(LmforgeError):
 
 class TrainingError(LmforgeError):
     """Training cannot go on (non-finite loss, nothing to resume, ...)."""
+
+
+class Interrupted(LmforgeError):
+    """Training stopped on a signal after saving a checkpoint."""
+
+    exit_code = 130

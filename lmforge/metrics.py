@@ -15,7 +15,7 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "ab")
+        self._f = open(self.path, "ab")  # noqa: SIM115 (held open for the whole run)
         self._tb = None
         if tensorboard:
             try:
@@ -37,6 +37,17 @@ class MetricsWriter:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def memory_stats(device) -> dict[str, float]:
+    """Peak CUDA memory allocated, or the process's peak resident memory on the CPU, in MiB."""
+    import torch
+
+    if getattr(device, "type", "") == "cuda":
+        return {"mem/cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    import resource
+
+    return {"mem/cpu_rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def truncate_after(path: Path, step: int) -> None:

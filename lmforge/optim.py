@@ -47,8 +47,8 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "wsd":
-        decay_steps = max(1, int(round(total * cfg.decay_fraction)))
-        decay_start = total - decay_steps
+        decay_start = cfg.decay_start or total - max(1, int(round(total * cfg.decay_fraction)))
+        decay_steps = max(1, total - decay_start)
         if step < decay_start:
             return cfg.lr
         frac = min(1.0, (step - decay_start + 1) / decay_steps)

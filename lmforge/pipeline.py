@@ -52,21 +52,37 @@ def write_samples(tr, log: Callable = print) -> list[tuple[str, str]]:
     return out
 
 
-def run_pipeline(recipe: Recipe, *, resume: bool = False, fresh: bool = True, log: Callable = print) -> dict:
+def train_and_report(tr, log: Callable = print, profile: bool = False) -> dict:
+    """run_loop, then (unless interrupted) the final evaluation; always releases the run dir."""
+    from lmforge.errors import Interrupted
+    from lmforge.profiling import maybe_profile
+    from lmforge.train import run_loop
+
+    try:
+        with maybe_profile(profile, tr.run_dir / "profile", tr.device) as prof:
+            summary = run_loop(tr, prof)
+        if summary["interrupted"]:
+            raise Interrupted(f"interrupted at step {tr.step}; checkpoint saved in {tr.run_dir / 'checkpoints'}. "
+                              "Resume with the same command and --resume")
+        return {"train": summary, "eval": final_eval(tr, log)}
+    finally:
+        tr.close()
+
+
+def run_pipeline(recipe: Recipe, *, resume: bool = False, fresh: bool = True, log: Callable = print,
+                 stop_at: int | None = None) -> dict:
     from lmforge.shards import ensure_shards
     from lmforge.tokenizer import ensure_tokenizer
-    from lmforge.train import run_loop, setup
+    from lmforge.train import setup
 
     t0 = time.perf_counter()
     tokenizer = ensure_tokenizer(recipe, log=log)
     ensure_shards(recipe, tokenizer, log=log)
     t_data = time.perf_counter() - t0
     tr = setup(recipe, resume=resume, fresh=fresh and not resume, log=log)
-    summary = run_loop(tr)
-    result = {"train": summary, "data_seconds": t_data}
-    if summary["interrupted"]:
-        return result
-    result["eval"] = final_eval(tr, log)
+    tr.stop_at = stop_at
+    result = {**train_and_report(tr, log), "data_seconds": t_data}
+    summary = result["train"]
     if tr.dist.is_main:
         plots = plot_runs([tr.run_dir])
         log(f"plots: {', '.join(str(p) for p in plots)}")

@@ -5,10 +5,8 @@ One loop for every objective: what differs between runs is the batch source and 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import math
-import random
 import shutil
 import signal
 import time
@@ -17,26 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lmforge import __version__
-from lmforge.checkpoint import (
-    load_model_weights,
-    load_optimizer,
-    read_state,
-    resolve_checkpoint,
-    save_checkpoint,
-    verify_files,
-)
+from lmforge.checkpoint import load_model_weights, load_optimizer, read_state, save_checkpoint
 from lmforge.config import Recipe, to_toml
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.evaluate import evaluate_loss
 from lmforge.fsutil import atomic_write_text
-from lmforge.metrics import MetricsWriter, Progress, truncate_after
+from lmforge.metrics import MetricsWriter, Progress, memory_stats, truncate_after
 from lmforge.models.transformer import Transformer, param_summary
 from lmforge.objectives import autoregressive_loss
 from lmforge.optim import lr_at, make_optimizer, set_lr
+from lmforge.resume import RunLock, check_resume_config, find_resumable, rng_state, set_rng_state
 from lmforge.runtime import (
     Dist,
     autocast_ctx,
@@ -50,8 +41,6 @@ from lmforge.runtime import (
 )
 
 INTERRUPTED_EXIT = 130
-# recipe keys whose change makes a resumed run a different run
-RUN_DEFINING = ("model", "tokenizer_fingerprint", "train.micro_batch_size", "train.batch_size_tokens")
 
 
 @dataclass
@@ -69,17 +58,29 @@ class Trainer:
     token_bytes: torch.Tensor
     run_dir: Path
     accum: int
+    lock: RunLock | None = None
     loss_fn: Callable = autoregressive_loss
     step: int = 0
     tokens_seen: int = 0
     best_val: float = math.inf
+    evals_without_improvement: int = 0
     log: Callable[[str], None] = print
     last_val: dict = field(default_factory=dict)
+    stop_at: int | None = None
+    """Save and stop after this step, as if interrupted (scheduled preemption, tests)."""
 
     @property
     def tokens_per_step(self) -> int:
         c = self.recipe
         return c.train.micro_batch_size * c.model.seq_len * self.accum * self.dist.world_size
+
+    def close(self) -> None:
+        for loader in (self.train_loader, self.val_loader):
+            close = getattr(loader, "close", None)
+            if close:
+                close()
+        if self.lock:
+            self.lock.release()
 
 
 def _accum_steps(recipe: Recipe, world: int) -> int:
@@ -95,54 +96,10 @@ def _accum_steps(recipe: Recipe, world: int) -> int:
     return t.batch_size_tokens // per_micro
 
 
-def _rng_state() -> dict[str, Any]:
-    enc = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
-    py = random.getstate()
-    state = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": np.random.get_state(legacy=False),
-        "torch": enc(torch.get_rng_state()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [enc(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    dec = lambda s: torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())  # noqa: E731
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(dec(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([dec(s) for s in state["cuda"]])
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
-    """(run-defining differences, harmless differences) between two flattened states."""
-    a, b = _flatten(old), _flatten(new)
-    defining, harmless = [], []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
-            (defining if key.startswith(RUN_DEFINING) else harmless).append(line)
-    return defining, harmless
-
-
 def _prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> None:
     ckpts = run_dir / "checkpoints"
     if fresh and not resume:
-        for name in ("checkpoints", "tb", "plots", "eval"):
+        for name in ("checkpoints", "tb", "plots", "eval", "profile"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in ("metrics.jsonl", "samples.txt"):
             (run_dir / name).unlink(missing_ok=True)
@@ -150,11 +107,19 @@ def _prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> None:
         raise ConfigError(
             f"{run_dir} already holds checkpoints: pass --resume to continue it or --fresh to start over"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _make_loaders(recipe: Recipe, dist: Dist, device: torch.device):
+    from lmforge.loaders.memmap import MemmapLoader
+
+    t, seq = recipe.train, recipe.model.seq_len
+    common = dict(rank=dist.rank, world_size=dist.world_size, device=device)
+    train = MemmapLoader(recipe.data.shards_dir, "train", t.micro_batch_size, seq, seed=t.seed, **common)
+    val = MemmapLoader(recipe.data.shards_dir, "val", t.micro_batch_size, seq, seed=t.seed + 1, **common)
+    return train, val
 
 
 def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Callable = print) -> Trainer:
-    from lmforge.loaders.memmap import MemmapLoader
     from lmforge.shards import check_tokenizer
     from lmforge.tokenizer import load_tokenizer
 
@@ -173,73 +138,76 @@ def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Cal
             f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's {tokenizer.vocab_size}"
         )
     run_dir = Path(recipe.train.run_dir)
-    if dist.is_main:
-        _prepare_run_dir(run_dir, resume, fresh)
-    seed_everything(recipe.train.seed + dist.rank)
-    raw = Transformer(recipe.model)
-    optimizer = make_optimizer(raw, recipe.train, device)
-    t = recipe.train
-    train_loader = MemmapLoader(recipe.data.shards_dir, "train", t.micro_batch_size, recipe.model.seq_len,
-                                seed=t.seed, rank=dist.rank, world_size=dist.world_size, device=device)
-    val_loader = MemmapLoader(recipe.data.shards_dir, "val", t.micro_batch_size, recipe.model.seq_len,
-                              seed=t.seed + 1, rank=dist.rank, world_size=dist.world_size, device=device)
-    tr = Trainer(
-        recipe=recipe, dist=dist, device=device, dtype=dtype, model=raw, raw=raw, optimizer=optimizer,
-        train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer,
-        token_bytes=torch.as_tensor(tokenizer.token_bytes(), dtype=torch.int64), run_dir=run_dir,
-        accum=_accum_steps(recipe, dist.world_size), log=log if dist.is_main else (lambda *_: None),
-    )
-    if resume:
-        _restore(tr)
-    raw.to(device)
-    tr.model, tr.raw = prepare_model(raw, device, compile=recipe.train.compile, dist=dist)
+    lock = RunLock(run_dir).acquire() if dist.is_main else None
+    try:
+        if dist.is_main:
+            _prepare_run_dir(run_dir, resume, fresh)
+        seed_everything(recipe.train.seed + dist.rank)
+        raw = Transformer(recipe.model)
+        train_loader, val_loader = _make_loaders(recipe, dist, device)
+        tr = Trainer(
+            recipe=recipe, dist=dist, device=device, dtype=dtype, model=raw, raw=raw,
+            optimizer=make_optimizer(raw, recipe.train, device), train_loader=train_loader,
+            val_loader=val_loader, tokenizer=tokenizer,
+            token_bytes=torch.as_tensor(tokenizer.token_bytes(), dtype=torch.int64), run_dir=run_dir,
+            accum=_accum_steps(recipe, dist.world_size), lock=lock,
+            log=log if dist.is_main else (lambda *_: None),
+        )
+        if resume:
+            _restore(tr)
+        raw.to(device)
+        tr.model, tr.raw = prepare_model(raw, device, compile=recipe.train.compile, dist=dist)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
     if dist.is_main:
         atomic_write_text(run_dir / "config.toml", to_toml(recipe))
     return tr
 
 
 def _state(tr: Trainer) -> dict[str, Any]:
+    rngs = [rng_state()]
+    loaders = [tr.train_loader.state_dict()]
+    if tr.dist.enabled:  # every rank's RNG and loader position, gathered into rank 0's state.json
+        rngs, loaders = [None] * tr.dist.world_size, [None] * tr.dist.world_size
+        torch.distributed.all_gather_object(rngs, rng_state())
+        torch.distributed.all_gather_object(loaders, tr.train_loader.state_dict())
     return {
         "lmforge_version": __version__,
         "tokens_seen": tr.tokens_seen,
         "best_val_loss": tr.best_val if math.isfinite(tr.best_val) else None,
+        "evals_without_improvement": tr.evals_without_improvement,
         "val": tr.last_val,
         "model_config": tr.recipe.model.model_dump(mode="json"),
         "recipe": tr.recipe.model_dump(mode="json"),
         "tokenizer_fingerprint": tr.tokenizer.fingerprint,
-        "loader": tr.train_loader.state_dict(),
+        "loader": loaders,
         "val_loader": tr.val_loader.state_dict(),
-        "rng": _rng_state(),
+        "rng": rngs,
         "world_size": tr.dist.world_size,
     }
 
 
 def _restore(tr: Trainer) -> None:
-    ckpt_root = tr.run_dir / "checkpoints"
-    if not ckpt_root.is_dir():
-        raise TrainingError(f"nothing to resume: {ckpt_root} does not exist (drop --resume to start a new run)")
-    ckpt = resolve_checkpoint(ckpt_root, prefer="latest")
-    verify_files(ckpt)
+    ckpt = find_resumable(tr.run_dir / "checkpoints", tr.log)
     state = read_state(ckpt)
-    old = {"model": state["model_config"], "tokenizer_fingerprint": state["tokenizer_fingerprint"],
-           "train": state["recipe"]["train"]}
     new = {"model": tr.recipe.model.model_dump(mode="json"), "tokenizer_fingerprint": tr.tokenizer.fingerprint,
-           "train": tr.recipe.train.model_dump(mode="json")}
-    defining, harmless = config_changes(old, new)
-    if defining:
-        raise ConfigError("cannot resume: the run would change: " + "; ".join(defining))
-    for line in harmless:
+           "train": tr.recipe.train.model_dump(mode="json"), "world_size": tr.dist.world_size}
+    for line in check_resume_config(state, new):
         tr.log(f"resume: changed {line}")
     load_model_weights(tr.raw, ckpt)
-    load_optimizer(tr.optimizer, ckpt, tr.dist.rank)
+    load_optimizer(tr.optimizer, ckpt, 0)
     tr.step = state["step"]
     tr.tokens_seen = state["tokens_seen"]
     tr.best_val = state["best_val_loss"] if state.get("best_val_loss") is not None else math.inf
+    tr.evals_without_improvement = state.get("evals_without_improvement", 0)
     tr.last_val = state.get("val", {})
-    tr.train_loader.load_state_dict(state["loader"])
+    tr.train_loader.load_state_dict(state["loader"][tr.dist.rank])
     tr.val_loader.load_state_dict(state["val_loader"])
-    _set_rng_state(state["rng"])
-    truncate_after(tr.run_dir / "metrics.jsonl", tr.step)
+    set_rng_state(state["rng"][tr.dist.rank])
+    if tr.dist.is_main:
+        truncate_after(tr.run_dir / "metrics.jsonl", tr.step)
     tr.log(f"resumed from {ckpt} at step {tr.step}")
 
 
@@ -257,7 +225,7 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -266,103 +234,147 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def validate(tr: Trainer, batches: int | None = None) -> dict[str, float]:
-    loader = tr.val_loader
-    res = evaluate_loss(tr.raw, loader, tr.token_bytes, device=tr.device, dtype=tr.dtype,
-                        max_batches=batches or tr.recipe.eval.batches)
+def validate(tr: Trainer) -> dict[str, float]:
+    res = evaluate_loss(tr.raw, tr.val_loader, tr.token_bytes, device=tr.device, dtype=tr.dtype,
+                        max_batches=tr.recipe.eval.batches)
+    if tr.dist.enabled:  # every rank scored its own windows: combine the sums
+        ln2 = math.log(2)
+        t = torch.tensor([res["loss"] * res["tokens"], res["tokens"], res["bpb"] * ln2 * res["bytes"], res["bytes"]],
+                         dtype=torch.float64, device=tr.device)
+        torch.distributed.all_reduce(t)
+        res = {**res, "loss": (t[0] / t[1]).item(), "tokens": int(t[1]), "bpb": (t[2] / (ln2 * t[3])).item(),
+               "bytes": int(t[3])}
+        res["perplexity"] = math.exp(min(res["loss"], 700.0))
     return res
 
 
 def _save(tr: Trainer, is_best: bool) -> Path | None:
+    state = _state(tr)  # collective under DDP: every rank takes part
     if not tr.dist.is_main:
         return None
-    return save_checkpoint(
-        tr.run_dir / "checkpoints", tr.step, tr.raw, _state(tr), optimizer=tr.optimizer,
-        tokenizer_dir=Path(tr.recipe.tokenizer.dir), rank=tr.dist.rank, is_best=is_best,
-        keep=tr.recipe.train.keep_checkpoints,
-    )
+    try:
+        path = save_checkpoint(
+            tr.run_dir / "checkpoints", tr.step, tr.raw, state, optimizer=tr.optimizer,
+            tokenizer_dir=Path(tr.recipe.tokenizer.dir), is_best=is_best, keep=tr.recipe.train.keep_checkpoints,
+        )
+    except OSError as err:
+        raise TrainingError(f"could not write the checkpoint for step {tr.step} in {tr.run_dir / 'checkpoints'}: "
+                            f"{err.strerror or err}; the previous checkpoint is intact") from None
+    tr.log(f"checkpoint: {path}")
+    return path
 
 
-def run_loop(tr: Trainer) -> dict[str, Any]:
-    """Train until max_steps (or max_time_s, or a signal). Returns a summary."""
+def _log_step(tr: Trainer, metrics, progress, lossv: float, lr: float, gnorm: float, tps: float,
+              smooth: float, flops_tok: float, peak: float, step_s: float) -> None:
+    vals = {"train/loss": lossv, "train/loss_smooth": smooth, "train/lr": lr, "train/grad_norm": gnorm,
+            "train/tok_per_sec": tps, "train/mfu": tps * flops_tok / peak if peak else 0.0,
+            "train/tokens": tr.tokens_seen, "train/step_ms": 1000 * step_s, **memory_stats(tr.device)}
+    tr.log(progress.line(tr.step, vals))
+    if metrics:
+        metrics.log(tr.step, vals)
+
+
+def _after_validation(tr: Trainer, metrics) -> bool:
+    """Validate, track the best loss and early stopping; True when this step is the best so far."""
+    from lmforge.pipeline import write_samples
+
+    tr.last_val = validate(tr)
+    cfg = tr.recipe.train
+    is_best = tr.last_val["loss"] < tr.best_val - cfg.early_stop_min_delta
+    if is_best:
+        tr.best_val, tr.evals_without_improvement = tr.last_val["loss"], 0
+    else:
+        tr.evals_without_improvement += 1
+    tr.log(f"step {tr.step}: val loss {tr.last_val['loss']:.4f} | bpb {tr.last_val['bpb']:.4f}"
+           + (" (best)" if is_best else ""))
+    if metrics:
+        metrics.log(tr.step, {"val/loss": tr.last_val["loss"], "val/bpb": tr.last_val["bpb"],
+                              "val/perplexity": tr.last_val["perplexity"]})
+    if cfg.sample_at_eval and tr.dist.is_main:
+        write_samples(tr)
+    return is_best
+
+
+def _train_step(tr: Trainer, it) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over the micro-batches, clip, optimizer step. Returns (summed loss, grad norm)."""
+    loss_sum = torch.zeros((), device=tr.device)
+    for micro in range(tr.accum):
+        x, y = next(it)
+        # DDP all-reduces gradients only on the last micro-batch
+        sync = tr.model.no_sync if (tr.dist.enabled and micro < tr.accum - 1) else contextlib.nullcontext
+        with sync(), autocast_ctx(tr.device, tr.dtype):
+            loss = tr.loss_fn(tr.model, x, y)
+        (loss / tr.accum).backward()
+        loss_sum += loss.detach()
+    clip = tr.recipe.train.grad_clip or float("inf")
+    gnorm = torch.nn.utils.clip_grad_norm_(tr.raw.parameters(), clip)
+    if not (torch.isfinite(gnorm) and torch.isfinite(loss_sum)):
+        tr.optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(
+            f"non-finite loss or gradient at step {tr.step + 1} (loss {loss_sum.item() / tr.accum:.4g}, grad norm "
+            f"{gnorm.item():.4g}); nothing was updated and the last good checkpoint in "
+            f"{tr.run_dir / 'checkpoints'} is kept; try a lower train.lr"
+        )
+    tr.optimizer.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, gnorm
+
+
+def run_loop(tr: Trainer, profiler=None) -> dict[str, Any]:
+    """Train until max_steps, max_time_s, early stopping or a signal. Returns a summary."""
     cfg = tr.recipe.train
     metrics = MetricsWriter(tr.run_dir) if tr.dist.is_main else None
     progress = Progress(cfg.max_steps, tr.step)
-    flops_tok = tr.raw.flops_per_token()
-    peak = peak_flops(tr.device, tr.dtype)
+    flops_tok, peak = tr.raw.flops_per_token(), peak_flops(tr.device, tr.dtype)
     p = param_summary(tr.raw)
     tr.log(f"model: {tr.recipe.model.arch}, {p['total'] / 1e6:.2f}M params ({p['non_embedding'] / 1e6:.2f}M "
            f"non-embedding), device {tr.device}, dtype {str(tr.dtype).replace('torch.', '')}, "
-           f"{tr.tokens_per_step} tokens/step, grad accum {tr.accum}")
+           f"{tr.tokens_per_step} tokens/step, grad accum {tr.accum}, world size {tr.dist.world_size}")
     it = iter(tr.train_loader)
-    smooth = None
+    smooth, saved_at, stopped = None, -1, ""
     t_start = t_last = time.perf_counter()
-    tok_since = 0
-    saved_at = -1
-    interrupted = False
+    tok_since = steps_since = 0
     tr.model.train()
-    with _StopFlag() as stop:
-        while tr.step < cfg.max_steps:
-            set_lr(tr.optimizer, lr := lr_at(tr.step, cfg))
-            loss_sum = torch.zeros((), device=tr.device)
-            for micro in range(tr.accum):
-                x, y = next(it)
-                sync = tr.model.no_sync if (tr.dist.enabled and micro < tr.accum - 1) else contextlib.nullcontext
-                with sync(), autocast_ctx(tr.device, tr.dtype):
-                    loss = tr.loss_fn(tr.model, x, y)
-                (loss / tr.accum).backward()
-                loss_sum += loss.detach()
-            gnorm = torch.nn.utils.clip_grad_norm_(tr.raw.parameters(), cfg.grad_clip or float("inf"))
-            if not (torch.isfinite(gnorm) and torch.isfinite(loss_sum)):
-                tr.optimizer.zero_grad(set_to_none=True)
-                raise TrainingError(
-                    f"non-finite loss or gradient at step {tr.step + 1} (loss {loss_sum.item() / tr.accum}); "
-                    f"the last good checkpoint is kept in {tr.run_dir / 'checkpoints'}; try a lower train.lr"
-                )
-            tr.optimizer.step()
-            tr.optimizer.zero_grad(set_to_none=True)
-            tr.step += 1
-            tr.tokens_seen += tr.tokens_per_step
-            tok_since += tr.tokens_per_step
-            last = tr.step == cfg.max_steps or (cfg.max_time_s and time.perf_counter() - t_start > cfg.max_time_s)
-            if tr.step % cfg.log_every == 0 or last:
-                now = time.perf_counter()
-                lossv = loss_sum.item() / tr.accum
-                smooth = lossv if smooth is None else 0.9 * smooth + 0.1 * lossv
-                tps = tok_since / max(now - t_last, 1e-9)
-                vals = {"train/loss": lossv, "train/loss_smooth": smooth, "train/lr": lr,
-                        "train/grad_norm": float(gnorm), "train/tok_per_sec": tps,
-                        "train/mfu": tps * flops_tok / peak if peak else 0.0,
-                        "train/tokens": tr.tokens_seen}
-                tr.log(progress.line(tr.step, vals))
-                if metrics:
-                    metrics.log(tr.step, vals)
-                t_last, tok_since = now, 0
-            is_best = False
-            if tr.step % cfg.eval_every == 0 or last:
-                tr.last_val = validate(tr)
-                is_best = tr.last_val["loss"] < tr.best_val
-                tr.best_val = min(tr.best_val, tr.last_val["loss"])
-                tr.log(f"step {tr.step}: val loss {tr.last_val['loss']:.4f} | bpb {tr.last_val['bpb']:.4f}"
-                       + (" (best)" if is_best else ""))
-                if metrics:
-                    metrics.log(tr.step, {"val/loss": tr.last_val["loss"], "val/bpb": tr.last_val["bpb"],
-                                          "val/perplexity": tr.last_val["perplexity"]})
-                t_last = time.perf_counter()  # validation time is not training throughput
-            if tr.step % cfg.save_every == 0 or last or stop.requested or is_best:
-                path = _save(tr, is_best)
-                saved_at = tr.step
-                if path:
-                    tr.log(f"checkpoint: {path}")
-                t_last = time.perf_counter()
-            if stop.requested:
-                interrupted = True
-                break
-            if last:
-                break
+    try:
+        with _StopFlag() as stop:
+            while tr.step < cfg.max_steps:
+                set_lr(tr.optimizer, lr := lr_at(tr.step, cfg))
+                loss_sum, gnorm = _train_step(tr, it)
+                tr.step += 1
+                tr.tokens_seen += tr.tokens_per_step
+                tok_since, steps_since = tok_since + tr.tokens_per_step, steps_since + 1
+                if profiler is not None:
+                    profiler.step()
+                timed_out = cfg.max_time_s and time.perf_counter() - t_start > cfg.max_time_s
+                last = tr.step == cfg.max_steps or bool(timed_out)
+                if tr.step % cfg.log_every == 0 or last:
+                    now = time.perf_counter()
+                    lossv = loss_sum.item() / tr.accum
+                    smooth = lossv if smooth is None else 0.9 * smooth + 0.1 * lossv
+                    _log_step(tr, metrics, progress, lossv, lr, float(gnorm), tok_since / max(now - t_last, 1e-9),
+                              smooth, flops_tok, peak, (now - t_last) / steps_since)
+                    t_last, tok_since, steps_since = now, 0, 0
+                is_best = False
+                if tr.step % cfg.eval_every == 0 or last:
+                    is_best = _after_validation(tr, metrics)
+                    if cfg.early_stop_patience and tr.evals_without_improvement >= cfg.early_stop_patience:
+                        stopped = "early stopping"
+                        last = True
+                if stop.requested or tr.step == tr.stop_at:
+                    stopped = stopped or "interrupted"
+                if tr.step % cfg.save_every == 0 or last or is_best or stopped:
+                    _save(tr, is_best)
+                    saved_at = tr.step
+                if tr.step % cfg.eval_every == 0 or last or saved_at == tr.step:
+                    t_last = time.perf_counter()  # validation and saving are not training throughput
+                if last or stopped:
+                    break
+    finally:
+        if metrics:
+            metrics.close()
     if saved_at != tr.step:
         _save(tr, False)
-    if metrics:
-        metrics.close()
+    if stopped == "early stopping":
+        tr.log(f"early stopping at step {tr.step}: no improvement in {cfg.early_stop_patience} validations")
     return {"steps": tr.step, "tokens": tr.tokens_seen, "seconds": time.perf_counter() - t_start,
-            "interrupted": interrupted, "val": tr.last_val, "best_val_loss": tr.best_val}
+            "interrupted": stopped == "interrupted", "val": tr.last_val, "best_val_loss": tr.best_val}

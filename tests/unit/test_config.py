@@ -1,7 +1,7 @@
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from lmforge.config import MODEL_PRESETS, ModelConfig, Recipe, load_recipe, to_toml
 from lmforge.errors import ConfigError

@@ -1,8 +1,7 @@
 import pytest
 
-from lmforge.config import TrainConfig
+from lmforge.config import ModelConfig, TrainConfig
 from lmforge.models.transformer import Transformer
-from lmforge.config import ModelConfig
 from lmforge.optim import lr_at, param_groups
 
 
@@ -18,7 +17,7 @@ def test_cosine_endpoints():
     assert lr_at(99, c) == pytest.approx(1e-4)  # ends at min_lr
     assert lr_at(54, c) == pytest.approx(5.5e-4, rel=0.02)  # halfway down
     lrs = [lr_at(s, c) for s in range(10, 100)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
 def test_wsd_endpoints():
