@@ -16,27 +16,29 @@ from lmforge.generate import SamplingParams, generate_text
 from lmforge.metrics import plot_runs
 
 
-def final_eval(tr, log: Callable = print) -> dict[str, Any]:
+def final_eval(tr) -> dict[str, Any]:
     """Every validation token scored once (or the configured random batches), saved to eval/final.json."""
     from lmforge.loaders.memmap import MemmapLoader
+    from lmforge.train import reduce_eval, validate
 
     r = tr.recipe
     if r.eval.final == "full":
         loader = MemmapLoader(r.data.shards_dir, "val", r.train.micro_batch_size, r.model.seq_len,
-                              mode="sequential", stride=r.eval.stride or None, device=tr.device)
+                              mode="sequential", stride=r.eval.stride or None, device=tr.device,
+                              rank=tr.dist.rank, world_size=tr.dist.world_size)
         res = evaluate_loss(tr.raw, loader.iter_eval(), tr.token_bytes, device=tr.device, dtype=tr.dtype)
+        res = reduce_eval(res, tr.dist, tr.device)
     else:
-        res = evaluate_loss(tr.raw, tr.val_loader, tr.token_bytes, device=tr.device, dtype=tr.dtype,
-                            max_batches=r.eval.batches)
+        res = validate(tr)
     res["step"] = tr.step
     if tr.dist.is_main:
         atomic_write_json(tr.run_dir / "eval" / "final.json", res)
-    log(f"validation ({res['tokens']:,} tokens, {res['bytes']:,} bytes): loss {res['loss']:.4f} | "
+    tr.log(f"validation ({res['tokens']:,} tokens, {res['bytes']:,} bytes): loss {res['loss']:.4f} | "
         f"perplexity {res['perplexity']:.2f} | bits per byte {res['bpb']:.4f}")
     return res
 
 
-def write_samples(tr, log: Callable = print) -> list[tuple[str, str]]:
+def write_samples(tr) -> list[tuple[str, str]]:
     s = tr.recipe.sample
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                             top_p=s.top_p)
@@ -52,7 +54,7 @@ def write_samples(tr, log: Callable = print) -> list[tuple[str, str]]:
     return out
 
 
-def train_and_report(tr, log: Callable = print, profile: bool = False) -> dict:
+def train_and_report(tr, profile: bool = False) -> dict:
     """run_loop, then (unless interrupted) the final evaluation; always releases the run dir."""
     from lmforge.errors import Interrupted
     from lmforge.profiling import maybe_profile
@@ -64,34 +66,38 @@ def train_and_report(tr, log: Callable = print, profile: bool = False) -> dict:
         if summary["interrupted"]:
             raise Interrupted(f"interrupted at step {tr.step}; checkpoint saved in {tr.run_dir / 'checkpoints'}. "
                               "Resume with the same command and --resume")
-        return {"train": summary, "eval": final_eval(tr, log)}
+        result = {"train": summary, "eval": final_eval(tr), "samples": []}
+        if tr.dist.is_main:
+            tr.log(f"plots: {', '.join(str(p) for p in plot_runs([tr.run_dir]))}")
+            result["samples"] = write_samples(tr)
+            for prompt, text in result["samples"]:
+                tr.log(f"\n--- sample: {prompt!r}\n{prompt}{text}")
+        return result
     finally:
         tr.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def run_pipeline(recipe: Recipe, *, resume: bool = False, fresh: bool = True, log: Callable = print,
                  stop_at: int | None = None) -> dict:
+    from lmforge.runtime import init_distributed
     from lmforge.shards import ensure_shards
     from lmforge.tokenizer import ensure_tokenizer
     from lmforge.train import setup
 
     t0 = time.perf_counter()
-    tokenizer = ensure_tokenizer(recipe, log=log)
-    ensure_shards(recipe, tokenizer, log=log)
+    dist = init_distributed()
+    if dist.is_main:  # one process prepares the data; the others wait for it
+        ensure_shards(recipe, ensure_tokenizer(recipe, log=log), log=log)
+    if dist.enabled:
+        torch.distributed.barrier()
     t_data = time.perf_counter() - t0
     tr = setup(recipe, resume=resume, fresh=fresh and not resume, log=log)
     tr.stop_at = stop_at
-    result = {**train_and_report(tr, log), "data_seconds": t_data}
+    result = {**train_and_report(tr), "data_seconds": t_data}
     summary = result["train"]
-    if tr.dist.is_main:
-        plots = plot_runs([tr.run_dir])
-        log(f"plots: {', '.join(str(p) for p in plots)}")
-        samples = write_samples(tr, log)
-        for prompt, text in samples:
-            log(f"\n--- sample: {prompt!r}\n{prompt}{text}")
     result["seconds"] = time.perf_counter() - t0
     log(f"\ndone in {result['seconds']:.0f} s (data {t_data:.1f} s, training {summary['seconds']:.0f} s); "
         f"outputs in {Path(recipe.train.run_dir)}/")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return result

@@ -40,6 +40,16 @@ def dist_from_env() -> Dist:
     )
 
 
+def init_distributed() -> Dist:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); a plain run is rank 0 of 1."""
+    dist = dist_from_env()
+    if dist.enabled and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(dist.local_rank)
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist
+
+
 def resolve_device(name: str = "auto", dist: Dist | None = None) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -144,8 +154,10 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, m: int = 4096
                          n: int = 1536, repeats: int = 5) -> float:
     import time
 
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
+    # a private generator: measuring must not move the training RNG (exact resume depends on it)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(k, n, device=device, dtype=dtype, generator=gen)
     for _ in range(2):
         a @ b
     best = float("inf")

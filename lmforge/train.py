@@ -32,7 +32,7 @@ from lmforge.runtime import (
     Dist,
     autocast_ctx,
     configure_backends,
-    dist_from_env,
+    init_distributed,
     peak_flops,
     prepare_model,
     resolve_device,
@@ -66,6 +66,7 @@ class Trainer:
     evals_without_improvement: int = 0
     log: Callable[[str], None] = print
     last_val: dict = field(default_factory=dict)
+    val_start: dict | None = None
     stop_at: int | None = None
     """Save and stop after this step, as if interrupted (scheduled preemption, tests)."""
 
@@ -123,9 +124,7 @@ def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Cal
     from lmforge.shards import check_tokenizer
     from lmforge.tokenizer import load_tokenizer
 
-    dist = dist_from_env()
-    if dist.enabled and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist = init_distributed()
     device = resolve_device(recipe.train.device, dist)
     dtype = resolve_dtype(recipe.train.dtype, device)
     configure_backends(device, recipe.train.threads)
@@ -183,7 +182,6 @@ def _state(tr: Trainer) -> dict[str, Any]:
         "recipe": tr.recipe.model_dump(mode="json"),
         "tokenizer_fingerprint": tr.tokenizer.fingerprint,
         "loader": loaders,
-        "val_loader": tr.val_loader.state_dict(),
         "rng": rngs,
         "world_size": tr.dist.world_size,
     }
@@ -204,7 +202,6 @@ def _restore(tr: Trainer) -> None:
     tr.evals_without_improvement = state.get("evals_without_improvement", 0)
     tr.last_val = state.get("val", {})
     tr.train_loader.load_state_dict(state["loader"][tr.dist.rank])
-    tr.val_loader.load_state_dict(state["val_loader"])
     set_rng_state(state["rng"][tr.dist.rank])
     if tr.dist.is_main:
         truncate_after(tr.run_dir / "metrics.jsonl", tr.step)
@@ -235,16 +232,26 @@ class _StopFlag:
 
 
 def validate(tr: Trainer) -> dict[str, float]:
+    # the same validation windows every time, so that successive losses compare the model, not the sample
+    if tr.val_start is None:
+        tr.val_start = tr.val_loader.state_dict()
+    tr.val_loader.load_state_dict(tr.val_start)
     res = evaluate_loss(tr.raw, tr.val_loader, tr.token_bytes, device=tr.device, dtype=tr.dtype,
                         max_batches=tr.recipe.eval.batches)
-    if tr.dist.enabled:  # every rank scored its own windows: combine the sums
-        ln2 = math.log(2)
-        t = torch.tensor([res["loss"] * res["tokens"], res["tokens"], res["bpb"] * ln2 * res["bytes"], res["bytes"]],
-                         dtype=torch.float64, device=tr.device)
-        torch.distributed.all_reduce(t)
-        res = {**res, "loss": (t[0] / t[1]).item(), "tokens": int(t[1]), "bpb": (t[2] / (ln2 * t[3])).item(),
-               "bytes": int(t[3])}
-        res["perplexity"] = math.exp(min(res["loss"], 700.0))
+    return reduce_eval(res, tr.dist, tr.device)
+
+
+def reduce_eval(res: dict[str, float], dist: Dist, device: torch.device) -> dict[str, float]:
+    """Combine per-rank evaluation results (each rank scored its own windows) into one."""
+    if not dist.enabled:
+        return res
+    ln2 = math.log(2)
+    t = torch.tensor([res["loss"] * res["tokens"], res["tokens"], res["bpb"] * ln2 * res["bytes"], res["bytes"]],
+                     dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    loss = (t[0] / t[1]).item()
+    return {**res, "loss": loss, "tokens": int(t[1]), "bpb": (t[2] / (ln2 * t[3])).item(), "bytes": int(t[3]),
+            "perplexity": math.exp(min(loss, 700.0))}
     return res
 
 

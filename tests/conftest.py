@@ -71,3 +71,9 @@ def tiny_recipe(tiny_root: Path, tiny_shards_dir: Path, tmp_path: Path) -> Recip
     raw = _tiny_raw(tiny_root)
     raw["train"]["run_dir"] = str(tmp_path / "run")
     return Recipe.model_validate(raw)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_recipe(tiny_root: Path, tiny_shards_dir: Path) -> Recipe:
+    """Like `tiny_recipe` but shared by a whole module/session (copy it before changing it)."""
+    return Recipe.model_validate(_tiny_raw(tiny_root))

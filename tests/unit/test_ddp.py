@@ -1,0 +1,64 @@
+"""DDP semantics through lmforge's own wrapping and train step, on 2 gloo processes."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lmforge.config import ModelConfig
+from lmforge.models.transformer import Transformer
+from lmforge.objectives import autoregressive_loss
+from lmforge.runtime import Dist, prepare_model
+
+pytestmark = pytest.mark.distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(preset="tiny", vocab_size=97))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 97, (4, 32), generator=g)
+    return x, torch.randint(0, 97, (4, 32), generator=g)
+
+
+def _worker(rank: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model, raw = prepare_model(_model(), torch.device("cpu"), dist=Dist(rank, rank, 2))
+    opt = torch.optim.SGD(raw.parameters(), lr=0.1)
+    x, y = _batch()
+    loss = autoregressive_loss(model, x[rank * 2:(rank + 1) * 2], y[rank * 2:(rank + 1) * 2])
+    loss.backward()
+    opt.step()
+    out[rank] = {"loss": loss.item(), "params": {k: v.clone() for k, v in raw.state_dict().items()}}
+    dist.destroy_process_group()
+
+
+def test_gradients_are_averaged_and_ranks_stay_identical():
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+    single = _model()
+    opt = torch.optim.SGD(single.parameters(), lr=0.1)
+    x, y = _batch()
+    full_loss = autoregressive_loss(single, x, y)
+    full_loss.backward()
+    opt.step()
+    # equal halves: the mean of the rank losses is the full-batch loss
+    assert (out[0]["loss"] + out[1]["loss"]) / 2 == pytest.approx(full_loss.item(), abs=1e-6)
+    for k, v in single.state_dict().items():
+        assert torch.equal(out[0]["params"][k], out[1]["params"][k]), k
+        torch.testing.assert_close(out[0]["params"][k], v, atol=1e-6, rtol=1e-5)
