@@ -204,6 +204,42 @@ def bench_tokenizer_cmd(vocab_size: int = 16384, mbytes: float = 5.0, repeats: i
         atomic_write_json(json, res)
 
 
+@bench_app.command("train")
+def bench_train_cmd(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe whose [model] to use (default: the demo)")] = None,
+    sets: SetOpt = None,
+    preset: Annotated[str | None, typer.Option(help="Model preset instead of the recipe's model")] = None,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary when the recipe leaves it to the tokenizer")] = 4096,
+    batch: Annotated[int | None, typer.Option(help="Micro-batch (default: train.micro_batch_size)")] = None,
+    steps: int = 10, warmup: int = 2,
+    dtype: Annotated[str, typer.Option(help="fp32 | bf16 (autocast)")] = "fp32",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model")] = False,
+    optimizer: Annotated[str, typer.Option(help="AdamW flavour: foreach | fused | plain")] = "foreach",
+    compare: Annotated[str, typer.Option(help="Also run variants along: dtype,compile,optimizer,threads")] = "",
+    device: str = "auto",
+    json: Annotated[Path | None, typer.Option(help="Write results as JSON")] = None,
+) -> None:
+    """Training-step throughput, time split, MFU against a measured peak, memory; variants side by side."""
+    from lmforge.bench_train import Setting, bench_train, parse_compare, print_table
+    from lmforge.config import ModelConfig
+    from lmforge.errors import ConfigError
+    from lmforge.fsutil import atomic_write_json
+
+    r = _recipe(recipe, sets, False)
+    cfg = ModelConfig(preset=preset) if preset else r.model
+    if cfg.vocab_size == 0:
+        cfg = cfg.model_copy(update={"vocab_size": vocab_size})
+    try:
+        settings = parse_compare(compare, Setting(dtype=dtype, compile=compile, optimizer=optimizer))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    res = bench_train(cfg, settings, batch=batch or r.train.micro_batch_size, steps=steps, warmup=warmup,
+                      device=device)
+    print_table(res)
+    if json:
+        atomic_write_json(json, res)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 1, usage errors exit 2, Ctrl-C exits 130."""
     try:
