@@ -34,10 +34,12 @@ def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, n_head, T, head_dim); cos/sin: (T, head_dim)."""
+    """x: (B, T, n_heads, head_dim), still in the qkv projection's layout (contiguous, hence fast
+    elementwise kernels); cos/sin: (T, head_dim) or per row (B, T, head_dim), broadcast over heads."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # (..., T, 1, head_dim)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos[..., :half] - x2 * sin[..., :half], x2 * cos[..., half:] + x1 * sin[..., half:]], dim=-1)
 
 
 class Attention(nn.Module):
@@ -64,12 +66,13 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
         )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
         if self.use_rope and rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = q.transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.transpose(1, 2)  # (B, n_kv, T, head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, start_pos)
         is_causal = causal and attn_mask is None
