@@ -23,11 +23,22 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     source: str = "bundled:tinyshakespeare"
-    """A text/JSONL file, a glob, a folder, or `bundled:tinyshakespeare`."""
-    format: Literal["auto", "text", "jsonl"] = "auto"
+    """A text/JSONL/Parquet file, a glob, a folder, `bundled:tinyshakespeare`, or `hf:NAME` (a Hugging Face
+    dataset, streamed; NAME may also be a builder such as `json`/`parquet` with `hf_data_files`)."""
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"
+    """A key, a dotted path into nested JSON (`article.sections.text` joins a list's texts), or a column."""
+    meta_fields: list[str] = Field(default_factory=list)
+    """Fields (dotted paths) carried with each document to the filters, e.g. ["language_score", "url"]."""
     doc_split: Literal["file", "paragraph", "line"] = "file"
     """How plain text becomes documents: one per file, per blank-line block, or per line."""
+    hf_config: str = ""
+    """`hf:` sources: the dataset configuration, e.g. "sample-10BT" for HuggingFaceFW/fineweb."""
+    hf_split: str = "train"
+    hf_data_files: list[str] = Field(default_factory=list)
+    """`hf:` sources: data files for builder datasets (`hf:json`, `hf:parquet`), local paths or globs."""
+    limit: int = Field(0, ge=0)
+    """Read at most this many source documents (0 = all): test mode."""
     val_split: Literal["tail", "hash"] = "tail"
     """`tail`: the last `val_fraction` of the text (nanoGPT's split); `hash`: by document hash."""
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -35,6 +46,37 @@ class DataConfig(Section):
     shard_tokens: int = Field(50_000_000, ge=1024)
     workers: int = Field(0, ge=0)
     """Tokenization processes; 0 = one per core."""
+    loader: Literal["memmap", "naive", "workers", "ring"] = "memmap"
+    """Where training batches come from: `memmap` reads the shards (`lmforge tokenize` first); `naive`,
+    `workers` and `ring` tokenize the raw source on the fly (streaming mode) and yield the same batches."""
+    loader_workers: int = Field(2, ge=1)
+    """Streaming: worker processes, each reading its own share of the data. The number also fixes the
+    batch order, so `naive` takes the same shares in turn in one process."""
+    loader_slots: int = Field(4, ge=1)
+    """Streaming: batches each worker may have ready (ring slots / queue depth)."""
+    epochs: int = Field(0, ge=0)
+    """Streaming: passes over the data before the loader stops; 0 = no end (reshuffled every epoch)."""
+    shuffle: bool = True
+    """Streaming: read the file chunks in an order shuffled by train.seed, a new one each epoch."""
+    val_tokens: int = Field(10_000_000, ge=0)
+    """Streaming: validation tokenizes at most this many tokens of the val split at start (0 = all)."""
+    window_align: Literal["any", "bos"] = "any"
+    """Memmap: a window may start anywhere, or (`bos`) only where a document starts."""
+    sampling: Literal["random", "epoch"] = "random"
+    """Memmap: `random` draws windows with replacement (as nanoGPT does); `epoch` visits every window
+    once per epoch, in an order shuffled anew each epoch."""
+    device_resident: bool = False
+    """Memmap: load the training tokens onto the device once and cut windows there."""
+    resident_share: float = Field(0.5, gt=0.0, le=1.0)
+    """Device-resident: the share of device memory the tokens may take; more are loaded in parts."""
+    resident_parts: int = Field(0, ge=0)
+    """Device-resident: load the tokens in this many parts, one after another; 0 = as few as fit."""
+
+    @staticmethod
+    def loader_keys() -> frozenset[str]:
+        """Keys that choose how batches are read, not what the shards hold (kept out of their hash)."""
+        return frozenset({"loader", "loader_workers", "loader_slots", "epochs", "shuffle", "val_tokens",
+                          "window_align", "sampling", "device_resident", "resident_share", "resident_parts"})
 
 
 class TokenizerConfig(Section):
@@ -42,12 +84,70 @@ class TokenizerConfig(Section):
     vocab_size: int = Field(4096, ge=257)
     dir: str = "runs/demo/tokenizer"
     pretrained: str = ""
-    """Path to a `tokenizer.json` or a tokenizer directory, for kind = "pretrained"."""
+    """For kind = "pretrained": a `tokenizer.json`, a tokenizer directory, a SentencePiece `.model`, or a
+    Hugging Face Hub name such as "gpt2" (fetched through transformers when online)."""
     special_tokens: list[str] = Field(default_factory=lambda: list(SPECIAL_TOKENS))
     add_bos: bool = True
     """Start every document with `<|bos|>` (documents always end with `<|eos|>`)."""
     max_train_chars: int = Field(0, ge=0)
     """Train the BPE on at most this many characters of the train split (0 = all)."""
+
+
+class PrepareConfig(Section):
+    """`lmforge prepare`: clean, filter, deduplicate and tokenize the source in one streaming pass.
+
+    Its train/val split is always by document hash (`data.val_fraction`), whatever `data.val_split` says."""
+
+    enabled: bool = False
+    """Route `tokenizer train`, `tokenize` and `run` through prepare (cleaned docs, stats.json)."""
+    out_dir: str = "runs/demo/prepared"
+    """Cleaned documents (docs/*.jsonl.zst), stats.json and the resume state."""
+    normalize: bool = True
+    """NFC, control characters removed, whitespace tidied (Unicode kept as it is)."""
+    strip_wiki: bool = False
+    """Remove wiki markup leftovers: [1] markers, {{templates}}, <ref>s, category/file links, tables."""
+    min_chars: int = Field(0, ge=0)
+    max_chars: int = Field(0, ge=0)
+    """0 = no limit."""
+    min_tokens: int = Field(0, ge=0)
+    min_alpha_frac: float = Field(0.0, ge=0.0, le=1.0)
+    """Minimum fraction of letters among the non-space characters."""
+    max_line_chars: int = Field(0, ge=0)
+    max_dup_line_frac: float = Field(1.0, ge=0.0, le=1.0)
+    """Gopher-style: maximum fraction of (non-blank) lines that repeat an earlier line; 1 = off."""
+    max_dup_ngram_frac: float = Field(1.0, ge=0.0, le=1.0)
+    """Gopher-style: maximum fraction of characters inside repeated word n-grams; 1 = off."""
+    dup_ngram: int = Field(5, ge=1)
+    meta_filters: list[str] = Field(default_factory=list)
+    """Conditions on metadata fields, e.g. ["language_score >= 0.65", "language == 'en'"]."""
+    dedup: Literal["none", "exact", "minhash"] = "exact"
+    """exact: a hash of the normalized text; minhash: also near-duplicates (MinHash + LSH bands)."""
+    minhash_threshold: float = Field(0.8, gt=0.0, lt=1.0)
+    minhash_perms: int = Field(128, ge=16)
+    minhash_ngram: int = Field(5, ge=1)
+    dedup_max_mb: int = Field(256, ge=1)
+    """Memory for the dedup tables; when full, new documents are still checked but no longer added."""
+    write_docs: bool = True
+    """Also keep the cleaned documents as JSONL.zst (what `lmforge tokenize` re-reads for a new tokenizer)."""
+    window: int = Field(0, ge=0)
+    """Also export fixed-length windows of this many tokens as a 2-D array per split (0 = off)."""
+    stride: int = Field(0, ge=0)
+    """Step between windows; 0 = window (no overlap), e.g. window/2 for 50% overlap."""
+    strict: bool = False
+    """Fail on the first malformed JSON line or bad field instead of skipping and counting it."""
+    num_parts: int = Field(1, ge=1)
+    part: int = Field(0, ge=0)
+    """Prepare only part `part` of `num_parts` disjoint parts of the input (one machine each)."""
+
+    @model_validator(mode="after")
+    def _check_part(self) -> PrepareConfig:
+        if self.part >= self.num_parts:
+            raise ValueError(f"part ({self.part}) must be below num_parts ({self.num_parts})")
+        for expr in self.meta_filters:
+            from lmforge.clean import MetaCondition
+
+            MetaCondition.parse(expr)  # a malformed condition is a config error, found before any work
+        return self
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -81,7 +181,8 @@ class ModelConfig(Section):
     bias: bool = False
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     norm_eps: float = Field(1e-5, gt=0)
-    objective: Literal["autoregressive"] = "autoregressive"
+    objective: Literal["autoregressive", "diffusion"] = "autoregressive"
+    """"diffusion": masked diffusion (lmforge.diffusion); the tokenizer needs a `<|mask|>` special token."""
 
     @model_validator(mode="before")
     @classmethod
@@ -122,15 +223,15 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     run_dir: str = "runs/demo"
-    max_steps: int = Field(1000, ge=1)
+    max_steps: int = Field(500, ge=1)
     max_time_s: float = Field(0.0, ge=0)
     """Stop (with a checkpoint) after this much training time; 0 = no limit."""
-    micro_batch_size: int = Field(16, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
     batch_size_tokens: int = Field(0, ge=0)
     """Global batch in tokens; 0 = micro_batch_size * seq_len * world size (no accumulation)."""
-    lr: float = Field(1e-3, gt=0)
-    min_lr: float = Field(1e-4, ge=0)
-    warmup_steps: int = Field(50, ge=0)
+    lr: float = Field(2e-3, gt=0)
+    min_lr: float = Field(2e-4, ge=0)
+    warmup_steps: int = Field(30, ge=0)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = Field(0.2, gt=0, le=1)
     """WSD: the fraction of steps spent decaying at the end."""
@@ -145,8 +246,8 @@ class TrainConfig(Section):
     device: str = "auto"
     seed: int = 1337
     log_every: int = Field(10, ge=1)
-    eval_every: int = Field(200, ge=1)
-    save_every: int = Field(500, ge=1)
+    eval_every: int = Field(100, ge=1)
+    save_every: int = Field(250, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     early_stop_patience: int = Field(0, ge=0)
     """Stop after this many validations without improvement (0 = never stop early)."""
@@ -158,7 +259,7 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    batches: int = Field(20, ge=1)
+    batches: int = Field(10, ge=1)
     """Validation batches per periodic evaluation (random windows)."""
     final: Literal["full", "batches"] = "full"
     """Final evaluation: every validation token once (`full`) or `batches` random windows."""
@@ -179,10 +280,19 @@ class Recipe(Section):
     name: str = "demo"
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @model_validator(mode="after")
+    def _check_mask_token(self) -> Recipe:
+        # a pretrained tokenizer brings its own special tokens: checked when it is loaded
+        if (self.model.objective == "diffusion" and self.tokenizer.kind != "pretrained"
+                and "<|mask|>" not in self.tokenizer.special_tokens):
+            raise ValueError('model.objective = "diffusion" needs "<|mask|>" in tokenizer.special_tokens')
+        return self
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

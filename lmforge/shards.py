@@ -54,8 +54,11 @@ def dtype_for(vocab_size: int) -> np.dtype:
 
 def data_config_hash(recipe: Recipe) -> str:
     """Digest of the settings that change the shards' contents (not where they go, nor worker count)."""
-    fields = recipe.data.model_dump(mode="json", exclude={"shards_dir", "workers"})
+    loader_keys = getattr(type(recipe.data), "loader_keys", frozenset)()  # how batches are read, not what
+    fields = recipe.data.model_dump(mode="json", exclude={"shards_dir", "workers", *loader_keys})
     fields["add_bos"] = recipe.tokenizer.add_bos
+    if recipe.prepare.enabled:  # only then, so that the hash of a direct-path recipe stays as it was
+        fields["prepare"] = recipe.prepare.model_dump(mode="json", exclude={"out_dir", "strict", "part", "num_parts"})
     return hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
@@ -63,15 +66,15 @@ def data_config_hash(recipe: Recipe) -> str:
 class _ShardWriter:
     """Streams token arrays into `{split}_{i:06d}.bin` files of at most `shard_tokens` tokens each."""
 
-    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        self.out, self.split, self.dtype, self.cap = out, split, dtype, shard_tokens
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, first: int = 0) -> None:
+        self.out, self.split, self.dtype, self.cap, self.first = out, split, dtype, shard_tokens, first
         self.files: list[dict] = []
         self._stack: contextlib.ExitStack | None = None
         self._f: BinaryIO | None = None
 
     def _open(self) -> None:
         self._stack = contextlib.ExitStack()
-        self._name = f"{self.split}_{len(self.files):06d}.bin"
+        self._name = f"{self.split}_{self.first + len(self.files):06d}.bin"
         self._tmp = self._stack.enter_context(atomic_path(self.out / self._name))
         self._f = self._stack.enter_context(open(self._tmp, "wb"))  # noqa: SIM115 (closed by the stack)
         self._f.write(b"\0" * HEADER_BYTES)
@@ -159,14 +162,15 @@ def _work_items(texts: Iterable[str], tok: Tokenizer) -> Iterator[list[tuple[str
         yield batch
 
 
-def _run(items: Iterator[list], pool: Any, depth: int) -> Iterator[tuple]:
+def _run(items: Iterator, pool: Any, depth: int, fn: Callable = None) -> Iterator:
     """Results in input order, with at most `depth` items in flight (Pool.imap would read ahead all)."""
+    fn = fn or _encode_items
     if pool is None:
-        yield from map(_encode_items, items)
+        yield from map(fn, items)
         return
     pending: deque = deque()
     for item in items:
-        pending.append(pool.apply_async(_encode_items, (item,)))
+        pending.append(pool.apply_async(fn, (item,)))
         if len(pending) >= depth:
             yield pending.popleft().get()
     while pending:
@@ -185,7 +189,7 @@ def _progress() -> Any:
 
 
 def _write_split(recipe: Recipe, tok: Tokenizer, split: str, out: Path, pool: Any, depth: int,
-                 progress: Any) -> dict:
+                 progress: Any, texts: Callable[[str], Iterable[str]]) -> dict:
     writer = _ShardWriter(out, split, dtype_for(tok.vocab_size), recipe.data.shard_tokens)
     task = progress.add_task(f"tokenize {split}", total=None, docs=0, docs_s=0.0, mb_s=0.0)
     docs = nbytes = chars = 0
@@ -198,7 +202,7 @@ def _write_split(recipe: Recipe, tok: Tokenizer, split: str, out: Path, pool: An
             yield t
 
     try:
-        for flat, starts, n_docs, n_bytes in _run(_work_items(counted(iter_split(recipe.data, split)), tok),
+        for flat, starts, n_docs, n_bytes in _run(_work_items(counted(texts(split)), tok),
                                                   pool, depth):
             writer.add(flat, starts)
             docs, nbytes = docs + n_docs, nbytes + n_bytes
@@ -221,8 +225,12 @@ def _pool(workers: int, tok: Tokenizer, add_bos: bool) -> Any:
     return ctx.Pool(workers, initializer=_init_worker, initargs=(tok, add_bos))
 
 
-def tokenize_to_shards(recipe: Recipe, tokenizer: Tokenizer, log: Callable[[str], object] = print) -> Path:
-    """Tokenize the train and val splits into `data.shards_dir`; the manifest is written last."""
+def tokenize_to_shards(recipe: Recipe, tokenizer: Tokenizer, log: Callable[[str], object] = print,
+                       texts: Callable[[str], Iterable[str]] | None = None) -> Path:
+    """Tokenize the train and val splits into `data.shards_dir`; the manifest is written last.
+
+    `texts(split)` gives a split's documents; by default `iter_split` of the recipe's source."""
+    texts = texts or (lambda split: iter_split(recipe.data, split))
     out = Path(recipe.data.shards_dir)
     if tokenizer.eos_id is None:
         raise ConfigError("tokenizer.special_tokens: the tokenizer has no end-of-document token "
@@ -234,7 +242,8 @@ def tokenize_to_shards(recipe: Recipe, tokenizer: Tokenizer, log: Callable[[str]
     t0 = time.perf_counter()
     try:
         with _progress() as progress:
-            splits = {s: _write_split(recipe, tokenizer, s, out, pool, 2 * workers, progress) for s in SPLITS}
+            splits = {s: _write_split(recipe, tokenizer, s, out, pool, 2 * workers, progress, texts)
+                      for s in SPLITS}
     finally:
         if pool is not None:
             pool.terminate()
@@ -281,11 +290,19 @@ def ensure_shards(recipe: Recipe, tokenizer: Tokenizer, log: Callable[[str], obj
         log(f"shards: up to date ({out}, train {m['splits']['train']['tokens']:,} tokens, "
             f"val {m['splits']['val']['tokens']:,} tokens)")
         return out
+    if recipe.prepare.enabled:
+        from lmforge.prepare import ensure_prepared
+
+        return ensure_prepared(recipe, tokenizer, log=log)
     return tokenize_to_shards(recipe, tokenizer, log=log)
 
 
 # ---- reading ------------------------------------------------------------------------------------
 def load_manifest(dir: str | Path) -> dict:
+    from lmforge.megatron import is_megatron, megatron_manifest
+
+    if is_megatron(dir):  # Megatron-LM .bin/.idx data read as it is
+        return megatron_manifest(dir)
     path = Path(dir) / "manifest.json"
     if not path.is_file():
         raise DataError(f"no shards in {dir} (manifest.json missing); run `lmforge tokenize RECIPE`")
@@ -309,6 +326,10 @@ def _split_files(dir: str | Path, split: str) -> tuple[dict, list[dict]]:
 
 def open_split(dir: str | Path, split: str) -> list[np.memmap]:
     """The token bodies of a split's shards, memory-mapped read-only, one per shard."""
+    from lmforge.megatron import is_megatron, open_megatron
+
+    if is_megatron(dir):
+        return open_megatron(dir, split)
     m, files = _split_files(dir, split)
     if not files:
         raise DataError(f"the {split} split of the shards in {dir} is empty; raise data.val_fraction "
@@ -329,6 +350,8 @@ def split_tokens(dir: str | Path, split: str) -> int:
 
 def check_tokenizer(dir: str | Path, tokenizer: Tokenizer) -> None:
     made_with = load_manifest(dir)["tokenizer"]["fingerprint"]
+    if made_with is None:  # Megatron data does not say which tokenizer made it
+        return
     if made_with != tokenizer.fingerprint:
         raise DataError(f"shards in {dir} were made with tokenizer {made_with[:12]}, but the model/tokenizer "
                         f"is {tokenizer.fingerprint[:12]}; re-run `lmforge tokenize`")
@@ -366,6 +389,10 @@ def verify_shards(dir: str | Path, tokenizer: Tokenizer | None = None) -> list[s
         m = load_manifest(dir)
     except DataError as err:
         return [str(err)]
+    if m["format"] == "megatron":
+        from lmforge.megatron import verify_megatron
+
+        return verify_megatron(dir)
     problems = []
     for split, info in m["splits"].items():
         for entry in info["files"]:

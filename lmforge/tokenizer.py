@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ GPT4_PATTERN = (
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 INFO_FILE = "lmforge_tokenizer.json"
+BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 # Which special-token names play which role; the first one present wins.
 ROLE_NAMES = {
     "bos": ("<|bos|>", "<|begin_of_text|>", "<|startoftext|>", "<s>", "<bos>"),
@@ -124,6 +126,17 @@ class Tokenizer:
             return self._enc.encode_ordinary(text)
         return self._hf.encode(text, add_special_tokens=False).ids
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as a uint32 array, without building a Python list on the way (cheaper in bulk)."""
+        if self._enc is not None and self.kind != "byte":
+            try:  # special-token text stays ordinary text, as in encode_ordinary
+                return self._enc.encode_to_numpy(text, disallowed_special=())
+            except UnicodeEncodeError:  # lone surrogates: take the list path, which repairs them
+                pass
+        elif self.kind == "byte":
+            return np.frombuffer(_utf8(text), dtype=np.uint8).astype(np.uint32)
+        return np.array(self.encode(text), dtype=np.uint32)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self.kind == "byte":
             return [list(_utf8(t)) for t in texts]
@@ -165,20 +178,22 @@ class Tokenizer:
         return out
 
     def chunk_text(self, text: str, max_chars: int) -> list[str]:
-        """Pieces of about `max_chars` whose encodings concatenate to `encode(text)`: with GPT-4's
-        pattern, a cut after "\\n" and before a letter/digit/ASCII symbol always falls between regex
-        pieces (none spans a newline followed by non-space; none looks behind). Other patterns: no cut."""
-        if len(text) <= max_chars or self.kind == "pretrained" or self.pattern != GPT4_PATTERN:
+        """Pieces of about `max_chars` whose encodings concatenate to `encode(text)`.
+
+        With GPT-4's pattern no regex piece spans a newline followed by a letter/digit/ASCII symbol,
+        nor a visible character followed by a space (none looks behind), so cuts there are exact.
+        Other tokenizers are cut only when a text is 4x over, before a space: their normalizers may
+        treat a piece's start specially, so a cut can change a token there; it keeps memory bounded."""
+        exact = self.kind != "pretrained" and self.pattern == GPT4_PATTERN
+        if len(text) <= max_chars * (1 if exact else 4):
             return [text]
         pieces, start = [], 0
         while len(text) - start > max_chars:
-            i = text.find("\n", start + max_chars - 1)
-            while i != -1 and i + 1 < len(text) and not _safe_line_start(text[i + 1]):
-                i = text.find("\n", i + 1)
-            if i == -1 or i + 1 >= len(text):
+            i = _next_cut(text, start + max_chars, newlines=exact)
+            if i == -1:
                 break
-            pieces.append(text[start:i + 1])
-            start = i + 1
+            pieces.append(text[start:i])
+            start = i
         pieces.append(text[start:])
         return pieces
 
@@ -190,7 +205,9 @@ class Tokenizer:
                 tok = self._hf.id_to_token(i) or ""
                 if self._byte_level and all(c in CHAR_TO_BYTE for c in tok):
                     table.append(bytes(CHAR_TO_BYTE[c] for c in tok))
-                else:  # sentencepiece-style: "\u2581" is a space (byte-fallback pieces are approximate)
+                elif BYTE_PIECE.match(tok):  # sentencepiece byte fallback: <0xE2> is one byte
+                    table.append(bytes([int(tok[3:5], 16)]))
+                else:  # sentencepiece-style: "\u2581" is a space
                     table.append(tok.replace("\u2581", " ").encode("utf-8"))
             self._id_bytes_cache = table
         return self._id_bytes_cache
@@ -260,6 +277,20 @@ def _safe_line_start(c: str) -> bool:
     return c.isalnum() or "!" <= c <= "~"
 
 
+def _next_cut(text: str, pos: int, newlines: bool = True) -> int:
+    """The first index >= pos where `text` can be cut (see chunk_text), or -1."""
+    best = -1
+    i = text.find("\n", pos - 1) if newlines else -1
+    while i != -1 and i + 1 < len(text) and not _safe_line_start(text[i + 1]):
+        i = text.find("\n", i + 1)
+    if i != -1 and i + 1 < len(text):
+        best = i + 1
+    j = text.find(" ", max(pos, 1), best if best != -1 else len(text))
+    while j != -1 and not _safe_line_start(text[j - 1]):
+        j = text.find(" ", j + 1, best if best != -1 else len(text))
+    return j if j != -1 else best
+
+
 def _read_json(path: Path) -> dict:
     try:
         return read_json(path)
@@ -309,7 +340,9 @@ def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Tokenizer:
     if len(set(names)) != len(names) or any(not n for n in names):
         raise ConfigError(f"tokenizer.special_tokens: expected distinct non-empty strings, got {names}")
     if cfg.kind == "pretrained":
-        return _pretrained(cfg)
+        from lmforge.tokenizer_pretrained import load_pretrained
+
+        return load_pretrained(cfg)
     if cfg.kind == "byte":
         ranks = {bytes([b]): b for b in range(256)}
         return Tokenizer("byte", {n: 256 + i for i, n in enumerate(names)}, ranks=ranks)
@@ -343,17 +376,6 @@ def _limited(texts: Iterable[str], max_chars: int, stats: dict) -> Iterator[str]
             return
 
 
-def _pretrained(cfg: TokenizerConfig) -> Tokenizer:
-    if not cfg.pretrained:
-        raise ConfigError('tokenizer.pretrained: set a tokenizer.json path (or dir) for kind = "pretrained"')
-    path = Path(cfg.pretrained)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise DataError(f"tokenizer.pretrained: {path} not found")
-    return _hf_tokenizer(path)  # a pretrained tokenizer keeps its own special tokens
-
-
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load from a tokenizer dir, a `tokenizer.json` file, or a run/checkpoint dir holding `tokenizer/`."""
     p = Path(path).parent if Path(path).name == "tokenizer.json" else Path(path)
@@ -371,12 +393,12 @@ def tokenizer_config_hash(cfg: TokenizerConfig) -> str:
 
 def ensure_tokenizer(recipe: Recipe, log: Callable[[str], object] = print) -> Tokenizer:
     """Train and save the recipe's tokenizer unless an up-to-date one is already in `tokenizer.dir`."""
-    from lmforge.sources import iter_split, source_fingerprint
-
     cfg = recipe.tokenizer
     out = Path(cfg.dir)
     cfg_hash = tokenizer_config_hash(cfg)
-    src_fp = source_fingerprint(recipe.data) if cfg.kind == "bpe" else ""
+    from lmforge.prepare import training_fingerprint, training_texts
+
+    src_fp = training_fingerprint(recipe) if cfg.kind == "bpe" else ""
     if (out / INFO_FILE).is_file():
         try:
             made = read_json(out / INFO_FILE).get("made_by", {})
@@ -388,7 +410,7 @@ def ensure_tokenizer(recipe: Recipe, log: Callable[[str], object] = print) -> To
         except (DataError, orjson.JSONDecodeError, OSError):
             pass  # unreadable: rebuild it
     t0 = time.perf_counter()
-    texts: Iterable[str] = iter_split(recipe.data, "train") if cfg.kind == "bpe" else ()
+    texts: Iterable[str] = training_texts(recipe) if cfg.kind == "bpe" else ()
     tok = train_tokenizer(cfg, texts)
     source = recipe.data.source if cfg.kind == "bpe" else (cfg.pretrained or cfg.kind)
     tok.meta.update({"source": source, "source_fingerprint": src_fp, "config_hash": cfg_hash,

@@ -71,3 +71,9 @@ def test_derived_values():
 def test_toml_round_trip():
     r = load_recipe(None, ["model.preset=tiny"])
     assert Recipe.model_validate(tomllib.loads(to_toml(r))) == r
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.model.n_embd % recipe.model.n_head == 0

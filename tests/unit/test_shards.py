@@ -214,3 +214,19 @@ def test_failure_leaves_no_partial_files(tmp_path: Path, tiny_recipe: Recipe, to
     out = Path(r.data.shards_dir)
     assert not (out / "manifest.json").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_data_config_hash_counts_prepare_only_when_enabled(tiny_recipe: Recipe) -> None:
+    from lmforge.shards import data_config_hash
+
+    base = data_config_hash(tiny_recipe)
+    r = tiny_recipe.model_copy(deep=True)
+    r.prepare.min_chars = 10  # prepare is off: its settings do not change the shards
+    assert data_config_hash(r) == base
+    r.prepare.enabled = True
+    with_prepare = data_config_hash(r)
+    assert with_prepare != base
+    r.prepare.out_dir, r.prepare.strict, r.prepare.num_parts = "elsewhere", True, 4  # where/how, not what
+    assert data_config_hash(r) == with_prepare
+    r.prepare.dedup = "none"
+    assert data_config_hash(r) != with_prepare

@@ -141,3 +141,124 @@ def test_source_fingerprint(tmp_path: Path) -> None:
     assert source_fingerprint(DataConfig()) == source_fingerprint(DataConfig())
     with pytest.raises(DataError):
         source_fingerprint(DataConfig(source=str(tmp_path / "missing.txt")))
+
+
+# ---- formats, lenient reading, parts and resume positions ------------------------------------------
+from lmforge.sources import ReadStats, iter_blocks, parse_block  # noqa: E402
+
+
+def lenient(cfg: DataConfig) -> tuple[list, ReadStats]:
+    stats = ReadStats()
+    docs = [d for b in iter_blocks(cfg, stats=stats) for d in parse_block(b, cfg, stats)]
+    return docs, stats
+
+
+def test_wikipedia_sections_and_meta(tmp_path: Path) -> None:
+    rows = [{"title": "A", "score": 0.9, "article": {"sections": [{"heading": "Intro", "text": "First part."},
+                                                                   {"heading": "More", "text": "Second part."}]}}]
+    path = jsonl(tmp_path / "wiki.jsonl", rows)
+    cfg = DataConfig(source=str(path), text_field="article.sections.text", meta_fields=["title", "score", "nope"])
+    docs = list(iter_documents(cfg))
+    assert docs[0].text == "First part.\n\nSecond part."
+    assert docs[0].meta == {"path": str(path), "line": 1, "title": "A", "score": 0.9, "nope": None}
+
+
+def test_lenient_counts_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "ok one"}\n{broken\n{"text": "caf\xe9 latin-1"}\n{"text": ""}\n'
+                     b'{"text": 5}\n{"text": "ok two"}\n')
+    docs, stats = lenient(DataConfig(source=str(path)))
+    assert [d.text for d in docs] == ["ok one", "caf\ufffd latin-1", "ok two"]
+    assert stats.malformed == 2 and stats.malformed_at == [f"{path}:2", f"{path}:5"]
+    assert stats.utf8_replaced == 1 and stats.empty == 1
+    with pytest.raises(DataError, match="bad.jsonl:2: not valid JSON"):
+        list(iter_documents(DataConfig(source=str(path))))
+    text = tmp_path / "bad.txt"
+    text.write_bytes(b"good line\nbad \xff\xfe line\n")
+    docs, stats = lenient(DataConfig(source=str(text), doc_split="line"))
+    assert [d.text for d in docs] == ["good line", "bad \ufffd\ufffd line"] and stats.utf8_replaced == 2
+
+
+def test_missing_field_is_an_error_even_when_lenient(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "x.jsonl", [{"content": "a", "id": 1}])
+    with pytest.raises(DataError, match=r"no field 'text'.*available: content, id"):
+        lenient(DataConfig(source=str(path)))
+
+
+def test_parquet_source(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": [f"doc {i}" for i in range(1000)], "score": [i / 1000 for i in range(1000)],
+                      "n": list(range(1000))})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=300)
+    cfg = DataConfig(source=str(tmp_path / "a.parquet"), meta_fields=["score"])
+    docs = list(iter_documents(cfg))
+    assert [d.text for d in docs] == [f"doc {i}" for i in range(1000)]
+    assert docs[420].meta == {"path": str(tmp_path / "a.parquet"), "row": 420, "score": 0.42}
+    blocks = list(iter_blocks(cfg))
+    assert len(blocks) >= 4 and all(b.data.num_rows <= 300 for b in blocks)  # row-group batches
+    with pytest.raises(DataError, match="column 'n' holds int64, not text"):
+        list(iter_documents(cfg.model_copy(update={"text_field": "n"})))
+    with pytest.raises(DataError, match=r"no column 'body' \(columns: text, score, n\)"):
+        list(iter_documents(cfg.model_copy(update={"text_field": "body"})))
+
+
+def test_hf_datasets_streaming_on_local_files(tmp_path: Path) -> None:
+    rows = [{"text": f"story {i}", "language_score": i / 10} for i in range(10)]
+    path = jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(source="hf:json", hf_data_files=[str(path)], meta_fields=["language_score"], limit=7)
+    docs = list(iter_documents(cfg))
+    assert [d.text for d in docs] == [f"story {i}" for i in range(7)]
+    assert docs[3].meta["language_score"] == 0.3 and docs[3].meta["row"] == 3
+    assert source_fingerprint(cfg) == source_fingerprint(cfg)
+    with pytest.raises(DataError, match=r"no field 'body'.*available: text, language_score"):
+        list(iter_documents(cfg.model_copy(update={"text_field": "body"})))
+    other = jsonl(tmp_path / "e.jsonl", [{"text": f"other {i}"} for i in range(4)])
+    two = DataConfig(source="hf:json", hf_data_files=[str(path), str(other)])
+    parts = [[d.text for b in iter_blocks(two, part=i, num_parts=2) for d in parse_block(b, two)] for i in range(2)]
+    assert parts == [[f"story {i}" for i in range(10)], [f"other {i}" for i in range(4)]]
+    rest = [d.text for b in iter_blocks(two, resume={"unit": 0, "row": 12}) for d in parse_block(b, two)]
+    assert rest == ["other 2", "other 3"]
+    with pytest.raises(DataError, match="2 data files, fewer than --num-parts 3"):
+        list(iter_blocks(two, part=0, num_parts=3))
+
+
+def test_limit_and_huge_line(tmp_path: Path) -> None:
+    path = tmp_path / "lines.txt"
+    path.write_text("short\n" + "x" * 3_000_000 + "\n" + "\n".join(f"l{i}" for i in range(50)), encoding="utf-8")
+    docs = texts(DataConfig(source=str(path), doc_split="line"))
+    assert len(docs) == 52 and len(docs[1]) == 3_000_000
+    assert texts(DataConfig(source=str(path), doc_split="line", limit=5)) == docs[:5]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "line", "paragraph"])
+def test_resume_positions_and_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    import lmforge.source_readers as readers
+    import lmforge.sources as sources
+
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 200)
+    monkeypatch.setattr(readers, "BLOCK_BYTES", 200)
+    monkeypatch.setattr(readers, "RANGE_BYTES", 1000)
+    if fmt == "jsonl":
+        path = jsonl(tmp_path / "a.jsonl", [{"text": f"document {i} " * (i % 7 + 1)} for i in range(300)])
+        cfg = DataConfig(source=str(path))
+    else:
+        path = tmp_path / "a.txt"
+        sep = "\n\n" if fmt == "paragraph" else "\n"
+        path.write_text(sep.join(f"text {i}\nmore {i}" if fmt == "paragraph" else f"line {i}" for i in range(300)),
+                        encoding="utf-8")
+        cfg = DataConfig(source=str(path), doc_split=fmt)
+    everything = texts(cfg)
+    blocks = list(iter_blocks(cfg))
+    assert len(blocks) > 5
+    for k in (1, len(blocks) // 2):  # reading on from a block's position gives exactly what follows it
+        rest = [d.text for b in iter_blocks(cfg, resume=blocks[k].pos) for d in parse_block(b, cfg)]
+        before = [d.text for b in blocks[:k + 1] for d in parse_block(b, cfg)]
+        assert before + rest == everything
+    if fmt == "paragraph":  # paragraphs may span any byte: a file is one unit, shared by no parts
+        with pytest.raises(DataError, match="part 1 of 3 has no input"):
+            list(iter_blocks(cfg, part=1, num_parts=3))
+        return
+    parts = [[d.text for b in iter_blocks(cfg, part=i, num_parts=3) for d in parse_block(b, cfg)] for i in range(3)]
+    assert sorted(sum(parts, [])) == sorted(everything) and all(parts)

@@ -258,3 +258,72 @@ def test_bench_tokenizer_shape(capsys: pytest.CaptureFixture) -> None:
     orjson.dumps(result)
     print_bench_table(result)
     assert "encode_batch lmforge" in capsys.readouterr().out
+
+
+# ---- pretrained formats ----------------------------------------------------------------------------
+SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "samples"
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory: pytest.TempPathFactory, shakespeare: str) -> Path:
+    """A small SentencePiece BPE trained the way Llama's was: <unk>=0 <s>=1 </s>=2, byte fallback."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("spm")
+    (d / "train.txt").write_text(shakespeare[:200_000], encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(d / "train.txt"), model_prefix=str(d / "llama"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_digits=True)
+    return d / "llama.model"
+
+
+def test_sentencepiece_model(spm_model: Path, tmp_path: Path) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    t = train_tokenizer(TokenizerConfig(kind="pretrained", pretrained=str(spm_model)), [])
+    assert t.kind == "pretrained" and t.vocab_size == 400
+    assert (t.bos_id, t.eos_id) == (1, 2) and t.roles["bos"] == "<s>" and t.roles["eos"] == "</s>"
+    assert t.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for text in ("ROMEO: what light through yonder window breaks?", "Héllo wörld 中文 🎉 12345\n\nline",
+                 "two  spaces\tand a tab"):
+        assert t.encode(text) == sp.encode(text), text
+        assert t.decode(t.encode(text)) == text
+        assert int(t.token_bytes()[t.encode(text)].sum()) == len(text.encode("utf-8")) + 1  # + the "▁" prefix
+    t.save(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved")
+    assert again.fingerprint == t.fingerprint and again.encode("to be or not") == sp.encode("to be or not")
+    (tmp_path / "llama_dir").mkdir()
+    shutil.copy(spm_model, tmp_path / "llama_dir" / "tokenizer.model")
+    from_dir = train_tokenizer(TokenizerConfig(kind="pretrained", pretrained=str(tmp_path / "llama_dir")), [])
+    assert from_dir.fingerprint == t.fingerprint
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="not a SentencePiece model"):
+        train_tokenizer(TokenizerConfig(kind="pretrained", pretrained=str(tmp_path / "junk.model")), [])
+
+
+def test_transformers_path(tok: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hub names go through transformers' AutoTokenizer; a saved local directory takes the same path."""
+    import huggingface_hub.constants
+    from transformers import PreTrainedTokenizerFast
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network in tests
+
+    from lmforge.tokenizer_pretrained import _transformers
+
+    tok.save(tmp_path / "lm")
+    hf = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "lm"))
+    hf.save_pretrained(str(tmp_path / "hub_like"))
+    t = _transformers(str(tmp_path / "hub_like"))
+    assert t.encode(RICH) == tok.encode(RICH) and (t.bos_id, t.eos_id) == (tok.bos_id, tok.eos_id)
+    assert t.meta["pretrained"] == str(tmp_path / "hub_like")
+    with pytest.raises(DataError, match="cannot load 'no-such-org/no-such-tokenizer-xyz'"):
+        _transformers("no-such-org/no-such-tokenizer-xyz")
+
+
+def test_chunk_text_long_single_line(tok: Tokenizer) -> None:
+    line = ("lorem ipsum, dolor (sit) amet " * 4000).strip()  # no newline anywhere
+    chunks = tok.chunk_text(line, 5000)
+    assert len(chunks) > 10 and "".join(chunks) == line
+    assert [i for c in chunks for i in tok.encode(c)] == tok.encode(line)
