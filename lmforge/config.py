@@ -245,6 +245,8 @@ class TrainConfig(Section):
     compile: bool = False
     device: str = "auto"
     seed: int = 1337
+    init_from: str = ""
+    """Start from this checkpoint's (or run dir's) weights, with a fresh optimizer and step 0."""
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
     save_every: int = Field(250, ge=1)

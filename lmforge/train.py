@@ -120,7 +120,11 @@ def _make_loaders(recipe: Recipe, dist: Dist, device: torch.device):
     return train, val
 
 
-def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Callable = print) -> Trainer:
+def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Callable = print,
+          loaders: Callable | None = None, loss_fn: Callable | None = None, tokenizer: Any = None) -> Trainer:
+    """Build the run. `loaders(recipe, dist, device) -> (train, val)` and `loss_fn(model, *batch)`
+    replace the pretraining ones (SFT passes its own); `tokenizer` replaces `tokenizer.dir`'s."""
+    from lmforge.objectives import loss_for
     from lmforge.shards import check_tokenizer
     from lmforge.tokenizer import load_tokenizer
 
@@ -128,8 +132,9 @@ def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Cal
     device = resolve_device(recipe.train.device, dist)
     dtype = resolve_dtype(recipe.train.dtype, device)
     configure_backends(device, recipe.train.threads)
-    tokenizer = load_tokenizer(recipe.tokenizer.dir)
-    check_tokenizer(Path(recipe.data.shards_dir), tokenizer)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(recipe.tokenizer.dir)
+        check_tokenizer(Path(recipe.data.shards_dir), tokenizer)
     if recipe.model.vocab_size == 0:
         recipe.model.vocab_size = tokenizer.vocab_size
     elif recipe.model.vocab_size < tokenizer.vocab_size:
@@ -143,13 +148,16 @@ def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Cal
             _prepare_run_dir(run_dir, resume, fresh)
         seed_everything(recipe.train.seed + dist.rank)
         raw = Transformer(recipe.model)
-        train_loader, val_loader = _make_loaders(recipe, dist, device)
+        if recipe.train.init_from and not resume:
+            init_weights_from(raw, recipe.train.init_from, log)
+        train_loader, val_loader = (loaders or _make_loaders)(recipe, dist, device)
         tr = Trainer(
             recipe=recipe, dist=dist, device=device, dtype=dtype, model=raw, raw=raw,
             optimizer=make_optimizer(raw, recipe.train, device), train_loader=train_loader,
             val_loader=val_loader, tokenizer=tokenizer,
             token_bytes=torch.as_tensor(tokenizer.token_bytes(), dtype=torch.int64), run_dir=run_dir,
             accum=_accum_steps(recipe, dist.world_size), lock=lock,
+            loss_fn=loss_fn or loss_for(recipe.model, tokenizer),
             log=log if dist.is_main else (lambda *_: None),
         )
         if resume:
@@ -163,6 +171,21 @@ def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Cal
     if dist.is_main:
         atomic_write_text(run_dir / "config.toml", to_toml(recipe))
     return tr
+
+
+def init_weights_from(model: Transformer, path: str, log: Callable = print) -> None:
+    """Start from another checkpoint's weights (a fresh optimizer and step 0, unlike --resume)."""
+    from lmforge.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    state = read_state(ckpt)
+    theirs = {k: v for k, v in state.get("model_config", {}).items() if k not in ("preset", "dropout")}
+    ours = {k: v for k, v in model.cfg.model_dump(mode="json").items() if k not in ("preset", "dropout")}
+    diff = [f"model.{k}: {theirs.get(k)!r} in {ckpt} vs {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]]
+    if diff:
+        raise ConfigError("train.init_from does not match this model: " + "; ".join(diff))
+    load_model_weights(model, ckpt)
+    log(f"initialised from {ckpt}")
 
 
 def _state(tr: Trainer) -> dict[str, Any]:
@@ -236,8 +259,13 @@ def validate(tr: Trainer) -> dict[str, float]:
     if tr.val_start is None:
         tr.val_start = tr.val_loader.state_dict()
     tr.val_loader.load_state_dict(tr.val_start)
-    res = evaluate_loss(tr.raw, tr.val_loader, tr.token_bytes, device=tr.device, dtype=tr.dtype,
-                        max_batches=tr.recipe.eval.batches)
+    evaluate = evaluate_loss
+    if tr.recipe.model.objective != "autoregressive":  # e.g. diffusion: its ELBO, a bound on the NLL
+        from lmforge.objectives import evaluator_for
+
+        evaluate = evaluator_for(tr.recipe.model, tr.tokenizer)
+    res = evaluate(tr.raw, tr.val_loader, tr.token_bytes, device=tr.device, dtype=tr.dtype,
+                   max_batches=tr.recipe.eval.batches)
     return reduce_eval(res, tr.dist, tr.device)
 
 
@@ -306,11 +334,11 @@ def _train_step(tr: Trainer, it) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the micro-batches, clip, optimizer step. Returns (summed loss, grad norm)."""
     loss_sum = torch.zeros((), device=tr.device)
     for micro in range(tr.accum):
-        x, y = next(it)
+        batch = next(it)  # (x, y) or, from loaders with more to say (SFT), (x, y, extras...)
         # DDP all-reduces gradients only on the last micro-batch
         sync = tr.model.no_sync if (tr.dist.enabled and micro < tr.accum - 1) else contextlib.nullcontext
         with sync(), autocast_ctx(tr.device, tr.dtype):
-            loss = tr.loss_fn(tr.model, x, y)
+            loss = tr.loss_fn(tr.model, *batch)
         (loss / tr.accum).backward()
         loss_sum += loss.detach()
     clip = tr.recipe.train.grad_clip or float("inf")

@@ -3,6 +3,7 @@
 import errno
 import math
 import os
+from pathlib import Path
 
 import orjson
 import pytest
@@ -111,10 +112,10 @@ def test_resume_without_checkpoint(tiny_recipe):
 def test_damaged_latest_falls_back_with_a_warning(tiny_recipe):
     recipe = make(tiny_recipe, save_every=2, max_steps=6, eval_every=100)
     train(recipe)
-    latest = tiny_recipe.train.run_dir + "/checkpoints/step_000006/model.safetensors"
-    data = bytearray(open(latest, "rb").read())
+    latest = Path(tiny_recipe.train.run_dir) / "checkpoints/step_000006/model.safetensors"
+    data = bytearray(latest.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    open(latest, "wb").write(bytes(data))
+    latest.write_bytes(bytes(data))
     messages = []
     recipe.train.max_steps = 8
     tr = setup(recipe, resume=True, log=messages.append)
@@ -133,7 +134,6 @@ def test_resume_refuses_a_different_model_but_allows_harmless_changes(tiny_recip
     harmless = recipe.model_copy(deep=True)
     harmless.train.log_every = 3
     harmless.train.max_steps = 9
-    messages = []
     tr, summary = train(harmless, resume=True)
     assert summary["steps"] == 9
 
@@ -178,3 +178,24 @@ def test_bf16_tracks_fp32(tiny_recipe):
     l32, l16 = load(t32), load(t16)
     assert all(math.isfinite(v) for v in l16)
     assert abs(l32[-1] - l16[-1]) / l32[-1] < 0.03
+
+
+def test_init_from_copies_weights_with_a_fresh_optimizer(tiny_recipe):
+    base = make(tiny_recipe.model_copy(deep=True), max_steps=3, eval_every=100)
+    first, _ = train(base)
+    child = make(tiny_recipe.model_copy(deep=True), max_steps=2, eval_every=100)
+    child.train.run_dir += "-child"
+    child.train.init_from = base.train.run_dir
+    tr = setup(child, log=quiet)
+    try:
+        assert tr.step == 0 and not tr.optimizer.state
+        for k, v in first.raw.state_dict().items():
+            assert torch.equal(v, tr.raw.state_dict()[k]), k
+    finally:
+        tr.close()
+    other = make(tiny_recipe.model_copy(deep=True), max_steps=2)
+    other.train.run_dir += "-other"
+    other.train.init_from = base.train.run_dir
+    other.model.n_layer = 3
+    with pytest.raises(ConfigError, match=r"init_from does not match.*model.n_layer: 2"):
+        setup(other, log=quiet)
