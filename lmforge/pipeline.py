@@ -26,7 +26,12 @@ def final_eval(tr) -> dict[str, Any]:
         loader = MemmapLoader(r.data.shards_dir, "val", r.train.micro_batch_size, r.model.seq_len,
                               mode="sequential", stride=r.eval.stride or None, device=tr.device,
                               rank=tr.dist.rank, world_size=tr.dist.world_size)
-        res = evaluate_loss(tr.raw, loader.iter_eval(), tr.token_bytes, device=tr.device, dtype=tr.dtype)
+        evaluate = evaluate_loss
+        if r.model.objective != "autoregressive":  # e.g. diffusion: its ELBO, a bound on the NLL
+            from lmforge.objectives import evaluator_for
+
+            evaluate = evaluator_for(r.model, tr.tokenizer)
+        res = evaluate(tr.raw, loader.iter_eval(), tr.token_bytes, device=tr.device, dtype=tr.dtype)
         res = reduce_eval(res, tr.dist, tr.device)
     else:
         res = validate(tr)
@@ -45,7 +50,15 @@ def write_samples(tr) -> list[tuple[str, str]]:
     out = []
     for i, prompt in enumerate(s.prompts):
         params.seed = s.seed + i
-        out.append((prompt, generate_text(tr.raw, tr.tokenizer, prompt, params)))
+        if tr.recipe.model.objective == "diffusion":  # iterative unmasking, not next-token sampling
+            from lmforge.diffusion import SAMPLE_STEPS, diffusion_generate
+
+            text = diffusion_generate(tr.raw, tr.tokenizer, prompt, max_new_tokens=s.max_new_tokens,
+                                      steps=SAMPLE_STEPS, temperature=s.temperature, top_k=s.top_k,
+                                      top_p=s.top_p, seed=params.seed)
+        else:
+            text = generate_text(tr.raw, tr.tokenizer, prompt, params)
+        out.append((prompt, text))
     tr.raw.train()
     if tr.dist.is_main:
         with open(tr.run_dir / "samples.txt", "a", encoding="utf-8") as f:
