@@ -1,3 +1,5 @@
+"""`python -m lmforge`: the same command line as the `lmforge` script."""
+
 import sys
 
 from lmforge.cli import main

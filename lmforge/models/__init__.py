@@ -1,0 +1,1 @@
+"""Model code: single-device modules built from ModelConfig, and the Hugging Face key maps."""
