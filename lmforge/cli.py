@@ -152,13 +152,17 @@ def generate(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Continue PROMPT with a trained model."""
-    from lmforge.generate import SamplingParams, generate_text, load_for_inference
+    from lmforge.generate import SamplingParams, load_for_inference, stream_text
     from lmforge.runtime import resolve_device
 
     model, tok, _ = load_for_inference(ckpt, resolve_device(device))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=tuple(stop or ()))
-    typer.echo(prompt + generate_text(model, tok, prompt, params))
+    sys.stdout.write(prompt)
+    for delta in stream_text(model, tok, prompt, params):  # tokens appear as they are sampled
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 @app.command()
@@ -242,8 +246,15 @@ def bench_train_cmd(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 1, usage errors exit 2, Ctrl-C exits 130."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args and sys.stdin.isatty() and sys.stdout.isatty():
+        from lmforge.menu import run_menu
+
+        return run_menu()  # a person at a terminal: a menu of the pipeline's commands
+    if not args:
+        args = ["--help"]
     try:
-        app(args=argv, prog_name="lmforge")
+        app(args=args, prog_name="lmforge")
     except LmforgeError as err:
         typer.echo(f"error: {err}", err=True)
         return err.exit_code

@@ -1,0 +1,103 @@
+"""One decode step (one new token per row) of `models.transformer.Transformer`, written for speed.
+
+It computes what `Transformer.forward` computes for T = 1, with fewer operator calls per layer
+(rotary embedding of q and k together, 2-D activations, cache writes in place) and, on the CPU in
+fp32, with the wide weights (qkv, MLP up, output layer) also kept transposed: for the few rows of a
+decode step, (B, in) @ (in, out) runs up to 2x faster than the (out, in) layout `nn.Linear` keeps
+(measured with cold caches, 1 thread: output layer 1.9 -> 1.0 ms at B=1, 4.9 -> 3.4 ms at B=8,
+in 4096-column blocks). The copies cost memory (about 80% of the weights for small models). Tests
+compare the engine's output with the model's own forward pass, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.kv_cache import KVCache
+
+COLUMN_BLOCK = 4096
+
+
+def supports(model: nn.Module) -> bool:
+    """True for the lmforge Transformer layout this step re-implements."""
+    cfg = getattr(model, "cfg", None)
+    return (getattr(cfg, "arch", None) in ("gpt2", "llama") and hasattr(model, "blocks")
+            and hasattr(model, "tok_emb") and not model.training)
+
+
+class DecodeStep:
+    def __init__(self, model: nn.Module) -> None:
+        self.m, cfg = model, model.cfg
+        self.nh, self.nkv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.llama = cfg.arch == "llama"
+        if self.llama:
+            half = self.hd // 2
+            # rotate_half(x) * sin == roll(x, half) * sin_signed, one roll instead of slice+neg+cat
+            self.sin_signed = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], -1)
+        p = model.tok_emb.weight
+        self.transpose = p.device.type == "cpu" and p.dtype == torch.float32
+        self._wt: dict[nn.Module, torch.Tensor | None] = {}
+
+    def _transposed(self, mod: nn.Module) -> list[torch.Tensor] | None:
+        """The (in, out) copy of a linear layer's weight, in column blocks, made on first use; None
+        where it does not pay (out < in) or cannot be made (quantized layers)."""
+        wt = self._wt.get(mod, False)
+        if wt is False:
+            w = getattr(mod, "weight", None)
+            ok = isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.shape[0] >= w.shape[1]
+            # blocks of 4096 outputs: small-batch matmuls against a very wide weight run faster in pieces
+            wt = [c.t().contiguous() for c in w.detach().split(COLUMN_BLOCK)] if ok else None
+            self._wt[mod] = wt
+        return wt
+
+    def _linear(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        wt = self._transposed(mod) if self.transpose else None
+        if wt is None:
+            return mod(x)
+        y = x @ wt[0] if len(wt) == 1 else torch.cat([x @ w for w in wt], dim=-1)
+        return y if mod.bias is None else y + mod.bias
+
+    def __call__(self, tokens: torch.Tensor, positions: list[int], cache: KVCache) -> torch.Tensor:
+        """tokens (B,) at `positions` (one per row, rows [0, B) of the cache) → logits (B, vocab)."""
+        m, B = self.m, tokens.shape[0]
+        shared = min(positions) == max(positions)
+        kv_len = max(positions) + 1
+        pos = torch.tensor(positions, device=tokens.device)
+        x = m.tok_emb(tokens)  # (B, n_embd)
+        if self.llama:
+            cos, sin = m.rope_cos[pos].unsqueeze(1), self.sin_signed[pos].unsqueeze(1)  # (B, 1, head_dim)
+        else:
+            x = x + m.pos_emb(pos)
+        mask = None
+        if not shared:
+            mask = (torch.arange(kv_len, device=tokens.device) <= pos[:, None]).view(B, 1, 1, kv_len)
+            rows = torch.arange(B, device=tokens.device)
+        nq, nqk = self.nh, self.nh + self.nkv
+        for i, blk in enumerate(m.blocks):
+            qkv = self._linear(blk.attn.qkv, blk.norm1(x)).view(B, nqk + self.nkv, self.hd)
+            qk = qkv[:, :nqk]
+            if self.llama:
+                qk = torch.addcmul(qk * cos, qk.roll(self.hd // 2, -1), sin)
+            if shared:
+                cache.k[i, :B, :, positions[0]] = qk[:, nq:]
+                cache.v[i, :B, :, positions[0]] = qkv[:, nqk:]
+            else:
+                cache.k[i, rows, :, pos] = qk[:, nq:]
+                cache.v[i, rows, :, pos] = qkv[:, nqk:]
+            y = F.scaled_dot_product_attention(
+                qk[:, :nq].unsqueeze(2), cache.k[i, :B, :, :kv_len], cache.v[i, :B, :, :kv_len],
+                attn_mask=mask, enable_gqa=self.nkv != self.nh)  # (B, n_head, 1, head_dim)
+            x = x + self._linear(blk.attn.proj, y.view(B, nq * self.hd))
+            x = x + self._mlp(blk.mlp, blk.norm2(x))
+        return self._linear(m.lm_head, m.norm(x))
+
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        h = self._linear(mlp.up, x)
+        if mlp.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self._linear(mlp.down, h)
