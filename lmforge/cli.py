@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # command groups that live in their own modules register themselves on `app`
-from lmforge import cli_data, cli_eval, cli_infer, cli_interop  # noqa: E402,F401
+from lmforge import cli_data, cli_eval, cli_infer, cli_interop, cli_loader, cli_sft  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -278,6 +278,39 @@ class SampleConfig(Section):
     seed: int = 1234
 
 
+class SFTConfig(Section):
+    """`lmforge sft`: chat fine-tuning of a pretrained model. Keys left unset in [model], [train], [eval]
+    and [sample] are taken from the base run, except the SFT defaults (lr 5e-5, epochs for steps, ...)."""
+
+    base: str = "runs/demo"
+    """The pretrained model: a checkpoint dir, a run dir (its best, else latest) or an exported HF dir."""
+    source: str = ""
+    """Conversations: a .jsonl or .json (array) file, a glob of them, or `hf:NAME` (a Hugging Face dataset)."""
+    format: Literal["auto", "conversations", "messages", "alpaca"] = "auto"
+    """auto: per record, by its keys (`messages`, `conversations`, `instruction`)."""
+    hf_config: str = ""
+    hf_split: str = "train"
+    limit: int = Field(0, ge=0)
+    """Read at most this many records (0 = all)."""
+    system_prompt: str = ""
+    """Added as the system message to conversations that have none ("" = none)."""
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Held-out conversations (chosen by content hash): validation loss and the sample prompts."""
+    epochs: int = Field(3, ge=1)
+    """Passes over the training conversations (train.max_steps, when set in the recipe, wins)."""
+    evals_per_epoch: int = Field(2, ge=1)
+    too_long: Literal["drop", "truncate"] = "drop"
+    """Conversations longer than the model's context: left out, or cut at the context (both counted)."""
+    packing: Literal["pack", "pad"] = "pack"
+    """pack: several conversations per row, each attending only to itself; pad: one per row."""
+    strict: bool = False
+    """Stop at the first malformed conversation instead of skipping and counting it."""
+    prepared_dir: str = ""
+    """Where `lmforge sft prepare` writes the tokenized conversations ("" = <run_dir>/sft_data)."""
+    sample_prompts: int = Field(3, ge=0)
+    """Held-out prompts that become sample.prompts (answered at each validation) and fill chats.txt."""
+
+
 class Recipe(Section):
     name: str = "demo"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -287,6 +320,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
 
     @model_validator(mode="after")
     def _check_mask_token(self) -> Recipe:

@@ -97,6 +97,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str, dtype: str = 
 
 
 def _check_format(src: Source, fmt: str) -> None:
+    if fmt in ("hf", "gguf") and src.cfg.objective != "autoregressive":
+        raise InteropError(f"model.objective={src.cfg.objective!r}: {fmt} has no such architecture (causal LMs "
+                           "only); export it with --format safetensors")
     if fmt == "hf":
         check_exportable(src.cfg)
     elif fmt == "gguf":

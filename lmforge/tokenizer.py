@@ -80,8 +80,10 @@ class Tokenizer:
 
     def __init__(self, kind: str, special_tokens: dict[str, int], *, ranks: dict[bytes, int] | None = None,
                  pattern: str = GPT4_PATTERN, hf: Any = None, roles: dict[str, str] | None = None,
-                 meta: dict | None = None) -> None:
+                 meta: dict | None = None, chat_template: str | None = None) -> None:
         self.kind = kind
+        self.chat_template = chat_template
+        """Jinja source of the chat template (lmforge.chat_template) when the chat tokens were added."""
         self.special_tokens = dict(special_tokens)
         self.pattern = pattern
         self.meta = dict(meta or {})
@@ -197,6 +199,50 @@ class Tokenizer:
         pieces.append(text[start:])
         return pieces
 
+    # ---- chat --------------------------------------------------------------------------------------
+    def with_special_tokens(self, names: Iterable[str]) -> Tokenizer:
+        """A copy with the `names` it lacks added as special tokens, after every existing id."""
+        new = [n for n in dict.fromkeys(names) if n not in self.special_tokens]
+        meta = {**self.meta, "added_special_tokens": [*self.meta.get("added_special_tokens", []), *new]}
+        if self._hf is None:
+            specials = {**self.special_tokens, **{n: self.vocab_size + i for i, n in enumerate(new)}}
+            return Tokenizer(self.kind, specials, ranks=self._ranks, pattern=self.pattern, roles=self.roles,
+                             meta=meta, chat_template=self.chat_template)
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTokenizer
+
+        hf = HFTokenizer.from_str(self._hf.to_str())
+        hf.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in new])
+        specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        return Tokenizer(self.kind, specials, hf=hf, roles=self.roles, meta=meta, chat_template=self.chat_template)
+
+    def with_chat_tokens(self) -> Tokenizer:
+        """A copy with the chat template's role and end-of-turn tokens (and `<|bos|>` if it has no
+        beginning-of-text token) and its `chat_template`; old ids keep their meaning."""
+        from lmforge.chat_template import CHAT_TOKENS, DEFAULT_BOS, jinja_template
+
+        tok = self.with_special_tokens([*([] if self.bos_id is not None else [DEFAULT_BOS]), *CHAT_TOKENS])
+        tok.chat_template = jinja_template(tok.roles["bos"])
+        return tok
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        """Messages [{"role", "content"}] → (ids, supervised mask); with `add_generation_prompt` the ids end
+        with the assistant marker, ready for generation (see lmforge.chat_template)."""
+        from lmforge.chat_template import render
+
+        return render(self, messages, add_generation_prompt=add_generation_prompt)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        """Prompt ids as transformers' `apply_chat_template(..., tokenize=True)` gives them."""
+        return self.render_chat(messages, add_generation_prompt)[0]
+
+    @property
+    def end_of_turn_id(self) -> int | None:
+        """The id that ends a chat turn (generation stops there), or None without the chat tokens."""
+        from lmforge.chat_template import END_OF_TURN
+
+        return self.special_tokens.get(END_OF_TURN)
+
     # ---- HF interop -----------------------------------------------------------------------------
     def _id_bytes(self) -> list[bytes]:
         if self._id_bytes_cache is None:
@@ -244,11 +290,13 @@ class Tokenizer:
         atomic_write_text(out / "tokenizer.json", self.to_hf_json())
         atomic_write_json(out / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
-            "clean_up_tokenization_spaces": False, **{f"{r}_token": n for r, n in self.roles.items()}})
+            "clean_up_tokenization_spaces": False, **{f"{r}_token": n for r, n in self.roles.items()},
+            **({"chat_template": self.chat_template} if self.chat_template else {})})
         info = {"format": "lmforge-tokenizer", "version": 1, "kind": self.kind,
                 "vocab_size": self.vocab_size, "special_tokens": self.special_tokens, "roles": self.roles,
                 "pattern": self.pattern, "fingerprint": self.fingerprint,
-                "made_by": {"lmforge_version": __version__, **self.meta}}
+                "made_by": {"lmforge_version": __version__, **self.meta},
+                **({"chat_template": self.chat_template} if self.chat_template else {})}
         atomic_write_json(out / INFO_FILE, info)  # written last: its presence means the dir is complete
         return out
 
@@ -260,10 +308,12 @@ class Tokenizer:
             raise DataError(f"{d}: no tokenizer.json here; train one with `lmforge tokenizer train`")
         info = _read_json(d / INFO_FILE) if (d / INFO_FILE).is_file() else {}
         if info.get("kind", "pretrained") == "pretrained":  # a bare tokenizer.json: the HF library runs it
-            return _hf_tokenizer(path, info.get("roles"), info.get("made_by"))
+            tok = _hf_tokenizer(path, info.get("roles"), info.get("made_by"))
+            tok.chat_template = info.get("chat_template")  # only lmforge's own: render_chat implements it
+            return tok
         ranks, pattern, specials = _parse_byte_level_bpe(_read_json(path), path)
         return cls(info["kind"], specials, ranks=ranks, pattern=pattern, roles=info.get("roles"),
-                   meta=info.get("made_by"))
+                   meta=info.get("made_by"), chat_template=info.get("chat_template"))
 
 
 def _utf8(text: str) -> bytes:
