@@ -140,7 +140,7 @@ def bench_setting(cfg: ModelConfig, s: Setting, *, batch: int, steps: int, warmu
         **{f"ms_{k}": 1000 * statistics.median(v) for k, v in phases.items()},
         "flops_per_token": raw.flops_per_token(), "achieved_tflops": flops / 1e12, "peak_tflops": peak / 1e12,
         "mfu": flops / peak if peak else 0.0, "warmup_s": warm_s if warmup else 0.0,
-        "peak_mem_mib": mem, "final_loss": float(loss), "settings": s.__dict__,
+        "peak_mem_mib": mem, "final_loss": float(loss.detach()), "settings": s.__dict__,
     }
 
 
