@@ -36,6 +36,11 @@ def _recipe(path: Path | None, sets: list[str] | None, print_config: bool):
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue training from the latest checkpoint")]
 StopAtOpt = Annotated[int | None, typer.Option("--stop-at", help="Save and stop after this step (resume later)")]
+SlowloadOpt = Annotated[bool, typer.Option("--slowload", help="Stream with the naive loader (data.loader=naive)")]
+
+
+def _loader_sets(sets: list[str] | None, slowload: bool) -> list[str]:
+    return [*(sets or []), "data.loader=naive"] if slowload else list(sets or [])
 
 
 @app.command()
@@ -48,11 +53,11 @@ def demo(sets: SetOpt = None, print_config: PrintOpt = False) -> None:
 
 @app.command()
 def run(recipe: RecipeArg, sets: SetOpt = None, print_config: PrintOpt = False, resume: ResumeOpt = False,
-        stop_at: StopAtOpt = None) -> None:
+        stop_at: StopAtOpt = None, slowload: SlowloadOpt = False) -> None:
     """Every stage of a recipe; an up-to-date tokenizer and shards are reused."""
     from lmforge.pipeline import run_pipeline
 
-    run_pipeline(_recipe(recipe, sets, print_config), resume=resume, stop_at=stop_at)
+    run_pipeline(_recipe(recipe, _loader_sets(sets, slowload), print_config), resume=resume, stop_at=stop_at)
 
 
 @tokenizer_app.command("train")
@@ -120,15 +125,16 @@ def shards_inspect(path: Path) -> None:
 @app.command()
 def train(recipe: RecipeArg, sets: SetOpt = None, print_config: PrintOpt = False, resume: ResumeOpt = False,
           fresh: Annotated[bool, typer.Option("--fresh", help="Delete the run's checkpoints and logs first")] = False,
-          stop_at: StopAtOpt = None,
+          stop_at: StopAtOpt = None, slowload: SlowloadOpt = False,
           profile: Annotated[bool, typer.Option("--profile", help="Write a profiler trace to RUN/profile")] = False,
           find_batch_size: Annotated[bool, typer.Option("--find-batch-size",
                                                         help="GPU: find the largest micro-batch that fits")] = False):
-    """Train a model on existing shards (run `lmforge tokenize` first) → train.run_dir."""
+    """Train a model on existing shards (run `lmforge tokenize` first), or on the raw text with a
+    streaming data.loader (naive | workers | ring) → train.run_dir."""
     from lmforge.pipeline import train_and_report
     from lmforge.train import setup
 
-    r = _recipe(recipe, sets, print_config)
+    r = _recipe(recipe, _loader_sets(sets, slowload), print_config)
     if find_batch_size:
         from lmforge.batch_size import find_batch_size as search
 

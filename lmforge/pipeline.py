@@ -18,14 +18,15 @@ from lmforge.metrics import plot_runs
 
 def final_eval(tr) -> dict[str, Any]:
     """Every validation token scored once (or the configured random batches), saved to eval/final.json."""
-    from lmforge.loaders.memmap import MemmapLoader
+    from lmforge.loaders import make_loader
     from lmforge.train import reduce_eval, validate
 
     r = tr.recipe
     if r.eval.final == "full":
-        loader = MemmapLoader(r.data.shards_dir, "val", r.train.micro_batch_size, r.model.seq_len,
-                              mode="sequential", stride=r.eval.stride or None, device=tr.device,
-                              rank=tr.dist.rank, world_size=tr.dist.world_size)
+        loader = make_loader(r, "val", batch_size=r.train.micro_batch_size, seq_len=r.model.seq_len,
+                             seed=r.train.seed + 1, mode="sequential", stride=r.eval.stride or None,
+                             device=tr.device, rank=tr.dist.rank, world_size=tr.dist.world_size,
+                             tokenizer=tr.tokenizer)
         evaluate = evaluate_loss
         if r.model.objective != "autoregressive":  # e.g. diffusion: its ELBO, a bound on the NLL
             from lmforge.objectives import evaluator_for
@@ -56,6 +57,10 @@ def write_samples(tr) -> list[tuple[str, str]]:
             text = diffusion_generate(tr.raw, tr.tokenizer, prompt, max_new_tokens=s.max_new_tokens,
                                       steps=SAMPLE_STEPS, temperature=s.temperature, top_k=s.top_k,
                                       top_p=s.top_p, seed=params.seed)
+        elif getattr(tr.tokenizer, "chat_template", None):  # a chat model: the prompt is a user turn
+            from lmforge.sft import answer
+
+            text = answer(tr.raw, tr.tokenizer, [{"role": "user", "content": prompt}], params)
         else:
             text = generate_text(tr.raw, tr.tokenizer, prompt, params)
         out.append((prompt, text))
@@ -94,6 +99,7 @@ def train_and_report(tr, profile: bool = False) -> dict:
 
 def run_pipeline(recipe: Recipe, *, resume: bool = False, fresh: bool = True, log: Callable = print,
                  stop_at: int | None = None) -> dict:
+    from lmforge.loaders import is_streaming
     from lmforge.runtime import init_distributed
     from lmforge.shards import ensure_shards
     from lmforge.tokenizer import ensure_tokenizer
@@ -102,7 +108,9 @@ def run_pipeline(recipe: Recipe, *, resume: bool = False, fresh: bool = True, lo
     t0 = time.perf_counter()
     dist = init_distributed()
     if dist.is_main:  # one process prepares the data; the others wait for it
-        ensure_shards(recipe, ensure_tokenizer(recipe, log=log), log=log)
+        tokenizer = ensure_tokenizer(recipe, log=log)
+        if not is_streaming(recipe):  # streaming loaders tokenize the raw text as they go
+            ensure_shards(recipe, tokenizer, log=log)
     if dist.enabled:
         torch.distributed.barrier()
     t_data = time.perf_counter() - t0

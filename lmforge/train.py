@@ -69,6 +69,8 @@ class Trainer:
     val_start: dict | None = None
     stop_at: int | None = None
     """Save and stop after this step, as if interrupted (scheduled preemption, tests)."""
+    extra_state: dict = field(default_factory=dict)
+    """More for every checkpoint's state.json (SFT: the base model's lineage and the chat template)."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -110,20 +112,20 @@ def _prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> None:
         )
 
 
-def _make_loaders(recipe: Recipe, dist: Dist, device: torch.device):
-    from lmforge.loaders.memmap import MemmapLoader
+def _make_loaders(recipe: Recipe, dist: Dist, device: torch.device, tokenizer: Any = None):
+    from lmforge.loaders import make_loader
 
     t, seq = recipe.train, recipe.model.seq_len
-    common = dict(rank=dist.rank, world_size=dist.world_size, device=device)
-    train = MemmapLoader(recipe.data.shards_dir, "train", t.micro_batch_size, seq, seed=t.seed, **common)
-    val = MemmapLoader(recipe.data.shards_dir, "val", t.micro_batch_size, seq, seed=t.seed + 1, **common)
-    return train, val
+    common = dict(batch_size=t.micro_batch_size, seq_len=seq, rank=dist.rank, world_size=dist.world_size,
+                  device=device, tokenizer=tokenizer)
+    return make_loader(recipe, "train", seed=t.seed, **common), make_loader(recipe, "val", seed=t.seed + 1, **common)
 
 
 def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Callable = print,
           loaders: Callable | None = None, loss_fn: Callable | None = None, tokenizer: Any = None) -> Trainer:
     """Build the run. `loaders(recipe, dist, device) -> (train, val)` and `loss_fn(model, *batch)`
     replace the pretraining ones (SFT passes its own); `tokenizer` replaces `tokenizer.dir`'s."""
+    from lmforge.loaders import is_streaming
     from lmforge.objectives import loss_for
     from lmforge.shards import check_tokenizer
     from lmforge.tokenizer import load_tokenizer
@@ -134,7 +136,8 @@ def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Cal
     configure_backends(device, recipe.train.threads)
     if tokenizer is None:
         tokenizer = load_tokenizer(recipe.tokenizer.dir)
-        check_tokenizer(Path(recipe.data.shards_dir), tokenizer)
+        if not is_streaming(recipe):  # streaming mode tokenizes as it reads: there are no shards
+            check_tokenizer(Path(recipe.data.shards_dir), tokenizer)
     if recipe.model.vocab_size == 0:
         recipe.model.vocab_size = tokenizer.vocab_size
     elif recipe.model.vocab_size < tokenizer.vocab_size:
@@ -150,7 +153,10 @@ def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Cal
         raw = Transformer(recipe.model)
         if recipe.train.init_from and not resume:
             init_weights_from(raw, recipe.train.init_from, log)
-        train_loader, val_loader = (loaders or _make_loaders)(recipe, dist, device)
+        if loaders:
+            train_loader, val_loader = loaders(recipe, dist, device)
+        else:
+            train_loader, val_loader = _make_loaders(recipe, dist, device, tokenizer)
         tr = Trainer(
             recipe=recipe, dist=dist, device=device, dtype=dtype, model=raw, raw=raw,
             optimizer=make_optimizer(raw, recipe.train, device), train_loader=train_loader,
@@ -207,6 +213,7 @@ def _state(tr: Trainer) -> dict[str, Any]:
         "loader": loaders,
         "rng": rngs,
         "world_size": tr.dist.world_size,
+        **tr.extra_state,
     }
 
 
@@ -374,7 +381,12 @@ def run_loop(tr: Trainer, profiler=None) -> dict[str, Any]:
         with _StopFlag() as stop:
             while tr.step < cfg.max_steps:
                 set_lr(tr.optimizer, lr := lr_at(tr.step, cfg))
-                loss_sum, gnorm = _train_step(tr, it)
+                try:
+                    loss_sum, gnorm = _train_step(tr, it)
+                except StopIteration:  # the loader's data.epochs are used up: keep what was learnt
+                    tr.optimizer.zero_grad(set_to_none=True)
+                    stopped = "data exhausted"
+                    break
                 tr.step += 1
                 tr.tokens_seen += tr.tokens_per_step
                 tok_since, steps_since = tok_since + tr.tokens_per_step, steps_since + 1
@@ -409,6 +421,8 @@ def run_loop(tr: Trainer, profiler=None) -> dict[str, Any]:
             metrics.close()
     if saved_at != tr.step:
         _save(tr, False)
+    if stopped == "data exhausted":
+        tr.log(f"the training data ran out (data.epochs = {tr.recipe.data.epochs}) at step {tr.step}")
     if stopped == "early stopping":
         tr.log(f"early stopping at step {tr.step}: no improvement in {cfg.early_stop_patience} validations")
     return {"steps": tr.step, "tokens": tr.tokens_seen, "seconds": time.perf_counter() - t_start,

@@ -72,7 +72,11 @@ def test_prepare_then_fine_tune(files):
     ckpt = run / "checkpoints" / "latest"
     cfg = orjson.loads((ckpt / "tokenizer_config.json").read_bytes())
     assert "<|assistant|>" in cfg["chat_template"]
-    assert orjson.loads((ckpt / "state.json").read_bytes())["model_config"]["vocab_size"] == 516
+    state = orjson.loads((ckpt / "state.json").read_bytes())
+    assert state["model_config"]["vocab_size"] == 516
+    assert state["sft"]["base_checkpoint"].endswith("step_000003") and "<|assistant|>" in state["chat_template"]
+    samples = (run / "samples.txt").read_text()
+    assert "=== step" in samples and "<|user|>" not in samples  # answered as a chat, template not echoed
     again = lmforge("sft", RECIPE, *tiny(files, "run"), cwd=files["root"], check=False)
     assert again.returncode == 1 and "pass --resume" in again.stderr
 
