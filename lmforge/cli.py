@@ -156,12 +156,22 @@ def generate(
     seed: Annotated[int | None, typer.Option()] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
+    steps: Annotated[int, typer.Option(min=1, help="Diffusion models: denoising steps (more = better, slower)")]
+    = 32,
+    remasking: Annotated[str, typer.Option(help="Diffusion models: low_confidence | random")] = "low_confidence",
 ) -> None:
-    """Continue PROMPT with a trained model."""
+    """Continue PROMPT with a trained model (a masked-diffusion model fills its canvas in --steps steps)."""
+    from lmforge.diffusion import diffusion_generate, is_diffusion
     from lmforge.generate import SamplingParams, load_for_inference, stream_text
     from lmforge.runtime import resolve_device
 
     model, tok, _ = load_for_inference(ckpt, resolve_device(device))
+    if is_diffusion(model):  # the whole completion appears at once, after the last step
+        text = diffusion_generate(model, tok, prompt, max_new_tokens=max_new_tokens, steps=steps,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking,
+                                  seed=seed, stop=tuple(stop or ()))
+        typer.echo(prompt + text)
+        return
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=tuple(stop or ()))
     sys.stdout.write(prompt)
