@@ -73,6 +73,7 @@ class Answer:
 def run_chat(paths: list[str], settings: ChatSettings, *, device: str = "auto", dtype: str = "auto",
              quantize: str | None = None, out=None) -> None:
     """Load the checkpoints and read prompts until /quit or end of input."""
+    from lmforge.engine import require_autoregressive
     from lmforge.generate import load_for_inference
     from lmforge.runtime import resolve_device
 
@@ -84,6 +85,7 @@ def run_chat(paths: list[str], settings: ChatSettings, *, device: str = "auto", 
     sessions = []
     for p in paths:
         model, tok, state = load_for_inference(p, dev, dtype=dtype, quantize=quantize)
+        require_autoregressive(model.cfg)
         sessions.append(Session(_short_name(state["path"]), model, tok))
         kind = "chat template" if sessions[-1].templated else "plain text"
         out.write(f"loaded {sessions[-1].name}: {model.cfg.arch}, context {model.cfg.seq_len}, {kind}\n")

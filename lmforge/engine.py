@@ -66,6 +66,15 @@ class Event:
     finished: bool
 
 
+def require_autoregressive(cfg: Any) -> None:
+    """The engine decodes next-token models only: a masked-diffusion model is refused in one line."""
+    if getattr(cfg, "objective", "autoregressive") != "autoregressive":
+        from lmforge.errors import ConfigError
+
+        raise ConfigError(f"this is a {cfg.objective} model: chat, serve and bench generate decode autoregressive "
+                          "models only; sample it with `lmforge generate CKPT --steps K`")
+
+
 class Engine:
     """Batched, cached decoding for one model; see the module docstring.
 
@@ -76,6 +85,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 8, max_len: int = 0,
                  slide: bool = False, compile: bool = False) -> None:
         cfg = model.cfg
+        require_autoregressive(cfg)
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.max_len = min(max_len or cfg.seq_len, cfg.seq_len)
         self.max_batch, self.slide = max_batch, slide

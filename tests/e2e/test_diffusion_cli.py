@@ -76,9 +76,15 @@ def test_export_refuses_hf_and_gguf_and_writes_native(run_dir):
 
 def test_generate_picks_the_diffusion_sampler(run_dir):
     cwd, _ = run_dir
-    if "--steps" not in lmforge("generate", "--help", cwd=cwd).stdout:
-        pytest.skip("lmforge generate has no --steps yet (CLI wiring of lmforge.diffusion pending)")
     args = ("generate", RUN, "--prompt", "ROMEO:", "--max-new-tokens", "16", "--steps", "4", "--seed", "1")
     a, b = lmforge(*args, cwd=cwd), lmforge(*args, cwd=cwd)
     assert a.stdout == b.stdout and a.stdout.startswith("ROMEO:")
     assert "░" not in a.stdout
+
+
+def test_serve_and_chat_refuse_a_diffusion_model_in_one_line(run_dir):
+    cwd, _ = run_dir
+    for args in (("serve", RUN, "--port", "65000"), ("chat", RUN)):
+        res = lmforge(*args, cwd=cwd, check=False)
+        assert res.returncode == 1, res.stderr
+        assert "diffusion model" in res.stderr and "--steps" in res.stderr and "Traceback" not in res.stderr
