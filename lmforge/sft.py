@@ -329,6 +329,14 @@ def run_sft(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: C
                tokenizer=plan.tokenizer)
     tr.extra_state = {"sft": plan.lineage, "chat_template": plan.tokenizer.chat_template}
     tr.stop_at = stop_at
+    if tr.step == 0:  # the base model on the SFT data: the "before" that the run's numbers compare with
+        from lmforge.train import validate
+
+        before = validate(tr)
+        log(f"before fine-tuning: val loss {before['loss']:.4f} | bpb {before['bpb']:.4f}")
+        plan.lineage["val_before"] = {"loss": before["loss"], "bpb": before["bpb"]}
+        if dist.is_main and plan.prompts:
+            write_chats(tr.raw, plan.tokenizer, plan.prompts, tr.recipe, tr.run_dir / "chats.txt", "before")
     if dist.is_main:
         atomic_write_json(tr.run_dir / "sft_lineage.json", plan.lineage)
     result = train_and_report(tr)

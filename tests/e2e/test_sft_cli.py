@@ -75,6 +75,8 @@ def test_prepare_then_fine_tune(files):
     state = orjson.loads((ckpt / "state.json").read_bytes())
     assert state["model_config"]["vocab_size"] == 516
     assert state["sft"]["base_checkpoint"].endswith("step_000003") and "<|assistant|>" in state["chat_template"]
+    assert "before fine-tuning: val loss" in out and state["sft"]["val_before"]["loss"] > 0
+    assert "=== before | user:" in (run / "chats.txt").read_text()
     samples = (run / "samples.txt").read_text()
     assert "=== step" in samples and "<|user|>" not in samples  # answered as a chat, template not echoed
     again = lmforge("sft", RECIPE, *tiny(files, "run"), cwd=files["root"], check=False)
