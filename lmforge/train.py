@@ -287,7 +287,6 @@ def reduce_eval(res: dict[str, float], dist: Dist, device: torch.device) -> dict
     loss = (t[0] / t[1]).item()
     return {**res, "loss": loss, "tokens": int(t[1]), "bpb": (t[2] / (ln2 * t[3])).item(), "bytes": int(t[3]),
             "perplexity": math.exp(min(loss, 700.0))}
-    return res
 
 
 def _save(tr: Trainer, is_best: bool) -> Path | None:
