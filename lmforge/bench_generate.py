@@ -264,14 +264,9 @@ def val_loss(model, shards_dir: str, windows: int = 32, batch: int = 4) -> float
 
 
 def print_table(res: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from lmforge.bench_table import show_table
 
-    table = Table(title="generation benchmark")
-    for col in ("name", "tokens/s", "ms/step", "prefill tok/s", "TTFT ms"):
-        table.add_column(col, justify="left" if col == "name" else "right")
-    for r in res["results"]:
-        table.add_row(r["name"], f"{r['tokens_per_s']:.0f}", f"{r['ms_per_step']:.2f}",
-                      f"{r['prefill_tokens_per_s']:.0f}" if "prefill_tokens_per_s" in r else "-",
-                      f"{r['ttft_ms']:.1f}" if "ttft_ms" in r else "-")
-    Console().print(table)
+    show_table("generation benchmark", ("name", "tokens/s", "ms/step", "prefill tok/s", "TTFT ms"),
+               [(r["name"], f"{r['tokens_per_s']:.0f}", f"{r['ms_per_step']:.2f}",
+                 f"{r['prefill_tokens_per_s']:.0f}" if "prefill_tokens_per_s" in r else "-",
+                 f"{r['ttft_ms']:.1f}" if "ttft_ms" in r else "-") for r in res["results"]])

@@ -187,19 +187,15 @@ def _ratios(results: list[dict]) -> dict:
 
 
 def print_loader_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from lmforge.bench_table import show_table
 
     s = result["settings"]
-    table = Table(title=f"loader bench: {s['mbytes']} MB JSONL, batch {s['batch_size']} x {s['seq_len']}, "
-                        f"vocab {s['vocab_size']}, {s['workers']} workers")
-    for col in ("loader", "batches", "tokens", "seconds", "batches/s", "tokens/s"):
-        table.add_column(col, justify="left" if col == "loader" else "right")
-    for r in result["results"]:
-        table.add_row(r["name"], str(r["batches"]), f"{r['tokens']:,}", f"{r['seconds']:.3f}",
-                      f"{r['batches_per_s']:,.1f}", f"{r['tokens_per_s'] / 1e6:,.3f}M")
-    console = Console()
-    console.print(table)
+    console = show_table(
+        f"loader bench: {s['mbytes']} MB JSONL, batch {s['batch_size']} x {s['seq_len']}, vocab {s['vocab_size']}, "
+        f"{s['workers']} workers",
+        ("loader", "batches", "tokens", "seconds", "batches/s", "tokens/s"),
+        [(r["name"], str(r["batches"]), f"{r['tokens']:,}", f"{r['seconds']:.3f}", f"{r['batches_per_s']:,.1f}",
+          f"{r['tokens_per_s'] / 1e6:,.3f}M") for r in result["results"]])
     for w in result["consumer_wait"]:
         console.print(f"consumer wait per batch, {w['name']}, {w['step_ms']:g} ms step: "
                       f"median {w['median_ms']:.3f} ms, p90 {w['p90_ms']:.3f} ms, max {w['max_ms']:.3f} ms")

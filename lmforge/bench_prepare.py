@@ -177,19 +177,17 @@ def _isolated(fn: Callable, *args: Any) -> dict:
 
 
 def print_prepare_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from lmforge.bench_table import show_table
+
+    def rss(r: dict) -> str:
+        m = r.get("peak_rss_mb")
+        return f"{m['main']:.0f} main / {m['workers']:.0f} worker" if m else ""
 
     s = result["settings"]
-    table = Table(title=f"prepare bench: {s['text_bytes'] / 1e6:.0f} MB of text, {s['docs']:,} docs, "
-                        f"vocab {s['vocab_size']}")
-    for col in ("name", "seconds", "text MB/s", "MB/CPU-s", "tokens/s", "peak RSS MB"):
-        table.add_column(col, justify="left" if col == "name" else "right")
-    for r in result["results"]:
-        rss = r.get("peak_rss_mb")
-        table.add_row(r["name"], f"{r['seconds']:.2f}", f"{r['mb_per_s']:.2f}", f"{r['mb_per_cpu_s']:.2f}",
-                      f"{r['tokens_per_s']:,}",
-                      f"{rss['main']:.0f} main / {rss['workers']:.0f} worker" if rss else "")
-    Console().print(table)
+    console = show_table(
+        f"prepare bench: {s['text_bytes'] / 1e6:.0f} MB of text, {s['docs']:,} docs, vocab {s['vocab_size']}",
+        ("name", "seconds", "text MB/s", "MB/CPU-s", "tokens/s", "peak RSS MB"),
+        [(r["name"], f"{r['seconds']:.2f}", f"{r['mb_per_s']:.2f}", f"{r['mb_per_cpu_s']:.2f}",
+          f"{r['tokens_per_s']:,}", rss(r)) for r in result["results"]])
     for k, v in result["summary"].items():
-        Console().print(f"{k}: {v}")
+        console.print(f"{k}: {v}")

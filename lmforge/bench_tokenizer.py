@@ -123,17 +123,11 @@ def bench_tokenizer(vocab_size: int = 16384, mbytes: float = 5.0, repeats: int =
 
 
 def print_bench_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from lmforge.bench_table import show_table
 
     s = result.get("settings", {})
-    table = Table(title=f"tokenizer bench: {s.get('mbytes')} MB, vocab {s.get('vocab_size')}, "
-                        f"median of {s.get('repeats')}")
-    for col in ("name", "seconds", "MB/s", "tokens/s", "ratio"):
-        table.add_column(col, justify="left" if col == "name" else "right")
-    for r in result["results"]:
-        ratio = (f"time {r['vs_rustbpe']:.2f}x rustbpe" if "vs_rustbpe" in r
-                 else f"speed {r['vs_tiktoken']:.2f}x tiktoken")
-        table.add_row(r["name"], f"{r['seconds']:.3f}", f"{r['mb_per_s']:.2f}", f"{r['tokens_per_s']:,}",
-                      ratio)
-    Console().print(table)
+    show_table(f"tokenizer bench: {s.get('mbytes')} MB, vocab {s.get('vocab_size')}, median of {s.get('repeats')}",
+               ("name", "seconds", "MB/s", "tokens/s", "ratio"),
+               [(r["name"], f"{r['seconds']:.3f}", f"{r['mb_per_s']:.2f}", f"{r['tokens_per_s']:,}",
+                 f"time {r['vs_rustbpe']:.2f}x rustbpe" if "vs_rustbpe" in r
+                 else f"speed {r['vs_tiktoken']:.2f}x tiktoken") for r in result["results"]])

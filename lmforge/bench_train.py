@@ -167,22 +167,15 @@ def bench_train(cfg: ModelConfig, settings: list[Setting], *, batch: int, steps:
 
 
 def print_table(res: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from lmforge.bench_table import show_table
 
     m = res["machine"]
-    t = Table(title=f"bench train: {res['model']['arch']} L{res['model']['n_layer']} d{res['model']['n_embd']} "
-                    f"T{res['model']['seq_len']} B{res['batch']} on {m['gpu'] or m['processor']} "
-                    f"(peak fp32 {m['peak_fp32_tflops'] * 1e3:.0f} GFLOP/s, bf16 {m['peak_bf16_tflops'] * 1e3:.0f})")
-    for col in ("setting", "tokens/s", "ms/step", "data", "fwd", "bwd", "optim", "TFLOP/s", "MFU", "warm-up s",
-                "mem MiB", "vs first"):
-        t.add_column(col, justify="left" if col == "setting" else "right")
-    for r in res["results"]:
-        t.add_row(r["name"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_step']:.1f}", f"{r['ms_data']:.1f}",
-                  f"{r['ms_forward']:.1f}", f"{r['ms_backward']:.1f}", f"{r['ms_optimizer']:.1f}",
-                  f"{r['achieved_tflops']:.3f}", f"{100 * r['mfu']:.1f}%", f"{r['warmup_s']:.1f}",
-                  f"{r['peak_mem_mib']:.0f}", f"{r['speedup']:.2f}x")
-    import sys
-
-    # a pipe or a log file gets the whole table rather than 80 columns of wrapped cells
-    Console(width=None if sys.stdout.isatty() else 200).print(t)
+    show_table(f"bench train: {res['model']['arch']} L{res['model']['n_layer']} d{res['model']['n_embd']} "
+               f"T{res['model']['seq_len']} B{res['batch']} on {m['gpu'] or m['processor']} "
+               f"(peak fp32 {m['peak_fp32_tflops'] * 1e3:.0f} GFLOP/s, bf16 {m['peak_bf16_tflops'] * 1e3:.0f})",
+               ("setting", "tokens/s", "ms/step", "data", "fwd", "bwd", "optim", "TFLOP/s", "MFU", "warm-up s",
+                "mem MiB", "vs first"),
+               [(r["name"], f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_step']:.1f}", f"{r['ms_data']:.1f}",
+                 f"{r['ms_forward']:.1f}", f"{r['ms_backward']:.1f}", f"{r['ms_optimizer']:.1f}",
+                 f"{r['achieved_tflops']:.3f}", f"{100 * r['mfu']:.1f}%", f"{r['warmup_s']:.1f}",
+                 f"{r['peak_mem_mib']:.0f}", f"{r['speedup']:.2f}x") for r in res["results"]])
