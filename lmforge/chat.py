@@ -3,11 +3,13 @@
 Base models continue each prompt as plain text; models whose tokenizer has a chat template keep the
 conversation and render it with the template. With several checkpoints every prompt goes to each of
 them (one after another while streaming, or in columns with --side-by-side) and a speed summary
-follows.
+follows. A masked-diffusion model's answer is its canvas, redrawn in place after each denoising step
+on a terminal (masked tokens show as a glyph) and printed once finished otherwise.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -22,6 +24,7 @@ HELP = """commands:
   /temp T    temperature (0 = greedy)     /topk K    keep the K most likely tokens (0 = all)
   /topp P    nucleus sampling (1 = off)   /minp P    drop tokens below P x the top one
   /max N     new tokens per answer        /seed S    fix the seed (/seed off for random)
+  /steps K   denoising steps of a diffusion model (more = better, slower)
   /reset     forget the conversation      /settings  show the settings
   /help      this list                    /quit      leave (also Ctrl-D)
 Ctrl-C stops an answer while it streams."""
@@ -35,6 +38,8 @@ SETTERS = {"/temp": ("temperature", float), "/temperature": ("temperature", floa
 class ChatSettings:
     params: SamplingParams
     side_by_side: bool = False
+    steps: int = 32
+    """Denoising steps per answer of a diffusion model."""
 
 
 @dataclass
@@ -49,6 +54,10 @@ class Session:
     @property
     def templated(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def diffusion(self) -> bool:
+        return getattr(self.model.cfg, "objective", "autoregressive") == "diffusion"
 
 
 @dataclass
@@ -73,7 +82,6 @@ class Answer:
 def run_chat(paths: list[str], settings: ChatSettings, *, device: str = "auto", dtype: str = "auto",
              quantize: str | None = None, out=None) -> None:
     """Load the checkpoints and read prompts until /quit or end of input."""
-    from lmforge.engine import require_autoregressive
     from lmforge.generate import load_for_inference
     from lmforge.runtime import resolve_device
 
@@ -85,9 +93,10 @@ def run_chat(paths: list[str], settings: ChatSettings, *, device: str = "auto", 
     sessions = []
     for p in paths:
         model, tok, state = load_for_inference(p, dev, dtype=dtype, quantize=quantize)
-        require_autoregressive(model.cfg)
         sessions.append(Session(_short_name(state["path"]), model, tok))
         kind = "chat template" if sessions[-1].templated else "plain text"
+        if sessions[-1].diffusion:
+            kind += f", masked diffusion in {settings.steps} steps (/steps K)"
         out.write(f"loaded {sessions[-1].name}: {model.cfg.arch}, context {model.cfg.seq_len}, {kind}\n")
     out.write("type a prompt, /help for commands, /quit to leave\n")
     out.flush()
@@ -118,13 +127,21 @@ def _command(line: str, settings: ChatSettings, sessions: list[Session], out) ->
             s.history.clear()
         out.write("conversation cleared\n")
     elif cmd == "/settings":
-        out.write(_describe(settings.params) + "\n")
+        out.write(_describe(settings, sessions) + "\n")
+    elif cmd == "/steps":
+        try:
+            if int(arg) < 1:
+                raise ValueError("steps must be at least 1")
+            settings.steps = int(arg)
+            out.write(_describe(settings, sessions) + "\n")
+        except ValueError as err:
+            out.write(f"{cmd}: {err}\n")
     elif cmd in SETTERS:
         name, kind = SETTERS[cmd]
         try:
             value = None if name == "seed" and arg.strip() in ("off", "none") else kind(arg)
             settings.params = replace(settings.params, **{name: value})
-            out.write(_describe(settings.params) + "\n")
+            out.write(_describe(settings, sessions) + "\n")
         except ValueError as err:
             out.write(f"{cmd}: {err or 'expected a number'}\n")
     else:
@@ -133,9 +150,11 @@ def _command(line: str, settings: ChatSettings, sessions: list[Session], out) ->
     return True
 
 
-def _describe(p: SamplingParams) -> str:
+def _describe(settings: ChatSettings, sessions: list[Session]) -> str:
+    p = settings.params
+    steps = f", steps {settings.steps}" if any(s.diffusion for s in sessions) else ""
     return (f"temperature {p.temperature}, top_k {p.top_k}, top_p {p.top_p}, min_p {p.min_p}, "
-            f"max tokens {p.max_new_tokens}, seed {p.seed}")
+            f"max tokens {p.max_new_tokens}, seed {p.seed}{steps}")
 
 
 def _ask_all(prompt: str, sessions: list[Session], settings: ChatSettings, out) -> None:
@@ -143,7 +162,8 @@ def _ask_all(prompt: str, sessions: list[Session], settings: ChatSettings, out) 
     for s in sessions:
         if len(sessions) > 1 and not settings.side_by_side:
             out.write(f"--- {s.name}\n")
-        answers.append(ask(s, prompt, settings.params, out=None if settings.side_by_side else out))
+        answers.append(ask(s, prompt, settings.params, out=None if settings.side_by_side else out,
+                           steps=settings.steps))
         if not settings.side_by_side:
             out.write(f"\n{answers[-1].stats()}\n")
         out.flush()
@@ -156,17 +176,16 @@ def _ask_all(prompt: str, sessions: list[Session], settings: ChatSettings, out) 
     out.flush()
 
 
-def ask(s: Session, prompt: str, params: SamplingParams, out=None) -> Answer:
-    """One answer from one session, streamed to `out` when given. Ctrl-C stops it early."""
+def ask(s: Session, prompt: str, params: SamplingParams, out=None, *, steps: int = 32) -> Answer:
+    """One answer from one session, streamed to `out` when given. Ctrl-C stops it early. A diffusion
+    model answers in `steps` denoising steps."""
     from lmforge.engine import Engine
-    from lmforge.generate import encode_prompt
 
-    if s.templated:
-        ids, stop, stop_ids, turn = _chat_prompt(s, prompt, params)
-        engine = Engine(s.model, s.tokenizer, max_batch=1)
-    else:
-        ids, stop, stop_ids, turn = encode_prompt(s.tokenizer, prompt), (), None, None
-        engine = Engine(s.model, s.tokenizer, max_batch=1, slide=True)
+    if s.diffusion:
+        return _ask_diffusion(s, prompt, params, steps, out)
+    ids, stop, stop_ids, turn = _prompt(s, prompt, params)
+    # a plain-text continuation may run past the context: slide the window instead of stopping
+    engine = Engine(s.model, s.tokenizer, max_batch=1, slide=not s.templated)
     row = engine.submit(ids, replace(params, stop=tuple(params.stop) + stop), stop_ids=stop_ids)
     stopped = False
     try:
@@ -183,6 +202,61 @@ def ask(s: Session, prompt: str, params: SamplingParams, out=None) -> Answer:
         s.history += [turn, {"role": "assistant", "content": row.text}]
     return Answer(s.name, row.text, len(row.tokens), (row.t_first or end) - row.t_submit, end - row.t_submit,
                   stopped)
+
+
+def _ask_diffusion(s: Session, prompt: str, params: SamplingParams, steps: int, out) -> Answer:
+    from lmforge.diffusion import diffusion_progress
+
+    ids, stop, stop_ids, turn = _prompt(s, prompt, params)
+    view = CanvasView(out) if out is not None and getattr(out, "isatty", lambda: False)() else None
+    t_start = time.perf_counter()
+    t_first, settled, stopped = None, None, False
+    try:
+        for shown, settled in diffusion_progress(
+                s.model, s.tokenizer, ids, max_new_tokens=params.max_new_tokens, steps=steps,
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+                stop=tuple(params.stop) + stop, stop_ids=stop_ids):
+            t_first = t_first or time.perf_counter()
+            if view is not None:
+                view.show(shown)
+            if settled.finish_reason:  # the text is final: later steps only fill positions past its end
+                break
+    except KeyboardInterrupt:
+        stopped = True
+    end = time.perf_counter()
+    text = settled.text if settled else ""
+    if view is not None and stopped:
+        view.show(text)  # the settled part: what lies right of the first mask was still undecided
+    elif view is None and out is not None:
+        out.write(text)
+    if turn is not None:
+        s.history += [turn, {"role": "assistant", "content": text}]
+    return Answer(s.name, text, len(settled.tokens) if settled else 0, (t_first or end) - t_start,
+                  end - t_start, stopped)
+
+
+class CanvasView:
+    """A diffusion answer drawn in place on a terminal: each step's canvas replaces the last one."""
+
+    def __init__(self, out) -> None:
+        self.out, self.rows = out, 0
+
+    def show(self, text: str) -> None:
+        # back to the first row of the last drawing, clear to the end of the screen, draw the new one
+        up = f"\x1b[{self.rows}A" if self.rows else ""
+        self.out.write(f"\r{up}\x1b[J{text}")
+        self.out.flush()
+        width = max(1, shutil.get_terminal_size().columns)
+        self.rows = sum(max(1, -(-len(line) // width)) for line in text.split("\n")) - 1
+
+
+def _prompt(s: Session, prompt: str, params: SamplingParams):
+    """(prompt ids, stop strings, stop ids or None for the default, the user turn or None)."""
+    from lmforge.generate import encode_prompt
+
+    if s.templated:
+        return _chat_prompt(s, prompt, params)
+    return encode_prompt(s.tokenizer, prompt), (), None, None
 
 
 def _chat_prompt(s: Session, prompt: str, params: SamplingParams):

@@ -15,6 +15,7 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, or auto")]
 DtypeOpt = Annotated[str, typer.Option(help="fp32, bf16 or auto (bf16 where the hardware has it)")]
 QuantOpt = Annotated[str | None, typer.Option(help="int8: dynamic int8 linear layers (CPU, fp32)")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the forward pass")]
+StepsOpt = Annotated[int, typer.Option(min=1, help="Diffusion models: denoising steps (more = better, slower)")]
 
 
 @app.command()
@@ -31,8 +32,10 @@ def chat(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantOpt = None,
+    steps: StepsOpt = 32,
 ) -> None:
-    """Talk to one or several checkpoints: type a prompt, watch the completion stream (/help for commands)."""
+    """Talk to one or several checkpoints: type a prompt, watch the completion stream (/help for commands);
+    a masked-diffusion checkpoint's canvas fills in over --steps denoising steps."""
     from lmforge.chat import ChatSettings, pick_checkpoints, run_chat
     from lmforge.sampling import SamplingParams
 
@@ -40,7 +43,7 @@ def chat(
     if not paths:
         raise typer.Exit(0)
     settings = ChatSettings(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                           top_p=top_p, seed=seed), side_by_side=side_by_side)
+                                           top_p=top_p, seed=seed), side_by_side=side_by_side, steps=steps)
     run_chat(paths, settings, device=device, dtype=dtype, quantize=quantize)
 
 
@@ -61,13 +64,15 @@ def serve(
     quantize: QuantOpt = None,
     compile: CompileOpt = False,
     step_delay: Annotated[float, typer.Option(hidden=True, min=0.0, help="Sleep after each step (tests)")] = 0.0,
+    steps: StepsOpt = 32,
 ) -> None:
-    """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions);
+    a masked-diffusion checkpoint is sampled in --steps denoising steps per request."""
     from lmforge.serve import serve as run_server
 
     run_server(str(ckpt), host=host, port=port, api_key=api_key, device=device, dtype=dtype, quantize=quantize,
                model_name=model_name, max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens,
-               compile=compile, step_delay_s=step_delay, log=lambda m: typer.echo(m, err=True))
+               compile=compile, step_delay_s=step_delay, steps=steps, log=lambda m: typer.echo(m, err=True))
 
 
 @bench_app.command("generate")

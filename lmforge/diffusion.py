@@ -24,6 +24,8 @@ Sampling starts from the prompt followed by N masks and runs K steps; each step 
 position and commits an even share of them (the linear schedule's expected count), the most confident
 first (LLaDA's low-confidence remasking) or at random. Outputs longer than the context are made block
 by block, each block conditioned on the text before it (LLaDA's semi-autoregressive sampling).
+A committed token is never masked again, so the text left of the first mask is final: `SettledText`
+reads it as it settles, which is what the server streams and where it stops once the text has ended.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.runtime import autocast_ctx
-from lmforge.sampling import filter_logits
+from lmforge.sampling import TextStream, filter_logits
 
 MASK_TOKEN = "<|mask|>"
 EPS = 1e-3
@@ -298,17 +300,73 @@ def _start(model: nn.Module, tokenizer: Any, prompt: str | list[int], max_new_to
     return ids, mask_id, gen
 
 
-def diffusion_stream(model: nn.Module, tokenizer: Any, prompt: str | list[int], *, max_new_tokens: int = 100,
-                     steps: int = 32, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
-                     remasking: Remasking = "low_confidence", seed: int | None = None,
-                     stop: Sequence[str] = (), add_bos: bool = True) -> Iterator[str]:
-    """Yield the completion canvas (without the prompt) as text after each denoising step: masked
-    tokens show as MASK_GLYPH, text ends at the first `<|eos|>` or stop string. The last yield is the
-    finished completion, the text `diffusion_generate` returns with the same arguments."""
+class SettledText:
+    """A completion's text as its canvas settles, read left to right. Committed tokens are never masked
+    again, so the tokens before the first mask are final and their text can be shown before the canvas
+    is full. Text ends at the first stop token (default `<|eos|>`, not counted) or stop string, with
+    whole UTF-8 characters only: the autoregressive engine's rules (`TextStream`), so streamed deltas
+    concatenate to `text`."""
+
+    def __init__(self, tokenizer: Any, mask_id: int, total: int, stop: Sequence[str] = (),
+                 stop_ids: Iterable[int] | None = None) -> None:
+        eos = getattr(tokenizer, "eos_id", None)
+        default = () if eos is None else (eos,)
+        self.stop_ids = frozenset(default if stop_ids is None else stop_ids)
+        self.mask_id, self.total = mask_id, total
+        self._stream = TextStream(tokenizer, stop)
+        self.tokens: list[int] = []
+        """The completion's tokens: those the text is made of (a stop token is not one)."""
+        self.finish_reason: str | None = None
+        """None while the text may still grow; "stop" (stop token or string) or "length" once final."""
+        self._read = 0
+
+    @property
+    def text(self) -> str:
+        return self._stream.text
+
+    def update(self, canvas: Sequence[int]) -> str:
+        """Read a canvas (the new tokens, mask_id where still masked); return the newly settled text."""
+        out = []
+        while self.finish_reason is None and self._read < len(canvas) and canvas[self._read] != self.mask_id:
+            tok = canvas[self._read]
+            self._read += 1
+            if tok in self.stop_ids:
+                self.finish_reason = "stop"
+                out.append(self._stream.finish())
+                break
+            self.tokens.append(tok)
+            out.append(self._stream.push(tok))
+            if self._stream.stopped:
+                self.finish_reason = "stop"
+        if self.finish_reason is None and self._read >= self.total:
+            self.finish_reason = "length"
+            out.append(self._stream.finish())
+        return "".join(out)
+
+
+def diffusion_progress(model: nn.Module, tokenizer: Any, prompt: str | list[int], *, max_new_tokens: int = 100,
+                       steps: int = 32, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+                       remasking: Remasking = "low_confidence", seed: int | None = None, stop: Sequence[str] = (),
+                       stop_ids: Iterable[int] | None = None,
+                       add_bos: bool = True) -> Iterator[tuple[str, SettledText]]:
+    """After each denoising step: (the canvas as text, masks shown as MASK_GLYPH; the settled text so far).
+    Once `settled.finish_reason` is set its text is final (the canvas shown is then that text too), and
+    a caller may stop early: later steps only fill positions past the end of the text."""
     ids, mask_id, gen = _start(model, tokenizer, prompt, max_new_tokens, steps, remasking, seed, add_bos)
+    settled = SettledText(tokenizer, mask_id, max_new_tokens, stop, stop_ids)
     for canvas in denoise(model, ids, max_new_tokens, mask_id=mask_id, steps=steps, temperature=temperature,
                           top_k=top_k, top_p=top_p, remasking=remasking, gen=gen):
-        yield _render(tokenizer, canvas, mask_id, stop)
+        settled.update(canvas)
+        yield (settled.text if settled.finish_reason else _render(tokenizer, canvas, mask_id, stop)), settled
+
+
+def diffusion_stream(model: nn.Module, tokenizer: Any, prompt: str | list[int], **kw: Any) -> Iterator[str]:
+    """Yield the completion canvas (without the prompt) as text after each denoising step: masked
+    tokens show as MASK_GLYPH, text ends at the first `<|eos|>` or stop string. The last yield is the
+    finished completion, the text `diffusion_generate` returns with the same arguments (those of
+    `diffusion_progress`)."""
+    for shown, _ in diffusion_progress(model, tokenizer, prompt, **kw):
+        yield shown
 
 
 def diffusion_generate(model: nn.Module, tokenizer: Any, prompt: str | list[int], *, max_new_tokens: int = 100,
@@ -317,9 +375,9 @@ def diffusion_generate(model: nn.Module, tokenizer: Any, prompt: str | list[int]
                        stop: Sequence[str] = (), add_bos: bool = True) -> str:
     """The completion of `prompt` (without the prompt) after `steps` denoising steps: more steps, better
     text, slower (each step is one forward pass over prompt + canvas; at most one step per token)."""
-    ids, mask_id, gen = _start(model, tokenizer, prompt, max_new_tokens, steps, remasking, seed, add_bos)
-    canvas: list[int] = []
-    for canvas in denoise(model, ids, max_new_tokens, mask_id=mask_id, steps=steps,  # noqa: B007
-                          temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking, gen=gen):
-        pass  # only the finished canvas is decoded
-    return _render(tokenizer, canvas, mask_id, stop)
+    settled = None
+    for _, settled in diffusion_progress(model, tokenizer, prompt, max_new_tokens=max_new_tokens,  # noqa: B007
+                                         steps=steps, temperature=temperature, top_k=top_k, top_p=top_p,
+                                         remasking=remasking, seed=seed, stop=stop, add_bos=add_bos):
+        pass  # every step runs, as many as asked: the settled text after the last one is the answer
+    return settled.text if settled is not None else ""

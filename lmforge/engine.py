@@ -67,12 +67,14 @@ class Event:
 
 
 def require_autoregressive(cfg: Any) -> None:
-    """The engine decodes next-token models only: a masked-diffusion model is refused in one line."""
+    """The engine decodes next-token models only: a masked-diffusion model is refused in one line
+    (chat and serve route those to the diffusion sampler before they get here)."""
     if getattr(cfg, "objective", "autoregressive") != "autoregressive":
         from lmforge.errors import ConfigError
 
-        raise ConfigError(f"this is a {cfg.objective} model: chat, serve and bench generate decode autoregressive "
-                          "models only; sample it with `lmforge generate CKPT --steps K`")
+        raise ConfigError(f"this is a {cfg.objective} model: the generation engine (and bench generate) decodes "
+                          "autoregressive models only; sample it with `lmforge generate CKPT --steps K`, "
+                          "`lmforge chat` or `lmforge serve`")
 
 
 class Engine:

@@ -3,7 +3,8 @@
 One engine thread steps a shared `Engine`; HTTP handlers on the event loop submit rows to it and
 read their tokens from an asyncio queue. Requests that arrive while others are decoding join the
 running batch at the next step (dynamic batching). A full waiting queue answers 429; a client that
-disconnects cancels its rows, which frees their cache slots at the next step.
+disconnects cancels its rows, which frees their cache slots at the next step. A masked-diffusion
+checkpoint is served by `serve_diffusion.DiffusionRunner` instead, behind the same endpoints.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lmforge.engine import Engine, Event, Row
@@ -37,10 +36,14 @@ from lmforge.serve_api import (
     choice_body,
     chunk_body,
     completion_body,
-    error_body,
+    install_errors,
     new_id,
+    openapi_schema,
     usage,
 )
+
+if TYPE_CHECKING:
+    from lmforge.serve_diffusion import DiffusionRunner
 
 log = logging.getLogger("lmforge.serve")
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500)}
@@ -58,6 +61,8 @@ class ServeConfig:
     compile: bool = False
     step_delay_s: float = 0.0
     """Sleep after each decode step: makes timing-dependent behaviour testable (queueing, disconnects)."""
+    diffusion_steps: int = 32
+    """Denoising steps per request for a diffusion model (a request's `steps` overrides it)."""
 
 
 @dataclass(eq=False)
@@ -88,8 +93,14 @@ class Runner:
         self._wake.set()
         self._thread.join(timeout=10)
 
+    def counts(self) -> dict[str, int]:
+        e = self.engine
+        return {"running": len(e.active), "waiting": len(e.waiting), "finished": e.n_finished,
+                "cancelled": e.n_cancelled}
+
     def submit(self, jobs: list[tuple[list[int], SamplingParams, frozenset[int] | None]],
-               stream: bool = False) -> Handle:
+               stream: bool = False, steps: int | None = None) -> Handle:
+        """Queue one row per job. `steps` is for diffusion runners; next-token decoding has none."""
         if len(self.engine.waiting) + len(jobs) > self.max_queue:
             raise ApiError(429, "the server is busy: too many requests waiting; retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
@@ -118,7 +129,7 @@ class Runner:
             events = [ev for ev in events if ev.finished or ev.row.user.stream]
             if events:
                 # one hop to the event loop per step, not per token
-                events[0].row.user.loop.call_soon_threadsafe(_deliver, events)
+                events[0].row.user.loop.call_soon_threadsafe(deliver, events)
             if self.step_delay_s:
                 time.sleep(self.step_delay_s)
 
@@ -127,17 +138,20 @@ class Runner:
         self.engine.active, self.engine.waiting = [], type(self.engine.waiting)()
         for r in rows:
             r.error, r.finish_reason = f"generation failed: {err}", "error"
-        return [_Failure(r, r.error) for r in rows]
+        return [Failure(r, r.error) for r in rows]
 
 
 @dataclass
-class _Failure:
+class Failure:
+    """Delivered in place of an Event when a row's generation failed."""
+
     row: Row
     message: str
     finished: bool = True
 
 
-def _deliver(events: list[Event | _Failure]) -> None:
+def deliver(events: list[Event | Failure]) -> None:
+    """On the event loop: hand each event to its request's queue."""
     for ev in events:
         ev.row.user.queue.put_nowait(ev)
 
@@ -146,9 +160,8 @@ def _deliver(events: list[Event | _Failure]) -> None:
 def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
     """The FastAPI app serving `model`; its engine thread starts and stops with the app."""
     cfg = cfg or ServeConfig()
-    engine = Engine(model, tokenizer, max_batch=cfg.max_batch, compile=cfg.compile)
-    runner = Runner(engine, cfg.max_queue, cfg.step_delay_s)
-    ctx = model.cfg.seq_len
+    runner = _runner(model, tokenizer, cfg)
+    ctx, objective = model.cfg.seq_len, model.cfg.objective
     cap = min(cfg.max_tokens_cap or ctx, ctx)
 
     @asynccontextmanager
@@ -160,19 +173,18 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="lmforge", version="1", lifespan=lifespan,
                   description="OpenAI-compatible completions for an lmforge checkpoint.")
     app.state.runner, app.state.cfg = runner, cfg
-    _install_errors(app)
+    install_errors(app)
 
     auth = _auth(cfg.api_key)
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": cfg.model_name, "running": len(engine.active),
-                "waiting": len(engine.waiting), "finished": engine.n_finished, "cancelled": engine.n_cancelled}
+        return {"status": "ok", "model": cfg.model_name, "objective": objective, **runner.counts()}
 
     @app.get("/v1/models", dependencies=[Depends(auth)], responses=ERRORS)
     async def models() -> dict:
         return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
-                                            "owned_by": "lmforge", "context_length": ctx}]}
+                                            "owned_by": "lmforge", "context_length": ctx, "objective": objective}]}
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], responses=ERRORS)
     async def completions(req: CompletionRequest, request: Request) -> Response:
@@ -198,8 +210,20 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
         fmt = "template" if chat.templated else "plain"
         return await _respond(runner, request, req, jobs, cfg.model_name, chat=True, chat_format=fmt)
 
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: openapi_schema(app)
     return app
+
+
+def _runner(model, tokenizer, cfg: ServeConfig) -> Runner | DiffusionRunner:
+    """The engine's batching runner for next-token models; one canvas at a time for diffusion ones."""
+    from lmforge.diffusion import is_diffusion
+
+    if is_diffusion(model):
+        from lmforge.serve_diffusion import DiffusionRunner
+
+        return DiffusionRunner(model, tokenizer, cfg.max_queue, cfg.diffusion_steps, cfg.step_delay_s)
+    engine = Engine(model, tokenizer, max_batch=cfg.max_batch, compile=cfg.compile)
+    return Runner(engine, cfg.max_queue, cfg.step_delay_s)
 
 
 def _auth(api_key: str | None) -> Callable[[Request], None]:
@@ -266,7 +290,7 @@ def _jobs(ids: list[int], req: SamplingFields, max_tokens: int | None, ctx: int,
 
 async def _respond(runner: Runner, request: Request, req: SamplingFields, jobs: list, model: str, *,
                    chat: bool, echo: list[str] | None = None, chat_format: str | None = None) -> Response:
-    handle = runner.submit(jobs, stream=req.stream)
+    handle = runner.submit(jobs, stream=req.stream, steps=req.steps)
     rid = new_id("chatcmpl" if chat else "cmpl")
     headers = {"X-Lmforge-Chat-Format": chat_format} if chat_format else {}
     if req.stream:
@@ -288,7 +312,7 @@ async def _respond(runner: Runner, request: Request, req: SamplingFields, jobs: 
 
 async def _next(handle: Handle) -> Event:
     ev = await handle.queue.get()
-    if isinstance(ev, _Failure):
+    if isinstance(ev, Failure):
         raise ApiError(500, ev.message, type="server_error")
     return ev
 
@@ -342,35 +366,6 @@ def _sse_data(obj: dict) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def _install_errors(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_req: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_req: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return JSONResponse(error_body(f"{param or 'request'}: {first.get('msg')}", param=param), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def crash(_req: Request, err: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return JSONResponse(error_body(f"internal error: {err}", type="server_error"), status_code=500)
-
-
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema, with its 422 validation responses replaced by the 400 this server sends."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                             routes=app.routes)
-        for ops in schema.get("paths", {}).values():
-            for op in ops.values():
-                op.get("responses", {}).pop("422", None)
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
 def default_model_name(ckpt_path: str) -> str:
     """runs/NAME/checkpoints/step_000500 → NAME; any other dir → its own name."""
     from pathlib import Path
@@ -382,8 +377,8 @@ def default_model_name(ckpt_path: str) -> str:
 def serve(ckpt: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           device: str = "auto", dtype: str | None = None, quantize: str | None = None,
           model_name: str | None = None, max_batch: int = 16, max_queue: int = 64, max_tokens: int = 0,
-          compile: bool = False, step_delay_s: float = 0.0, log=print) -> None:
-    """Load a checkpoint and serve it until interrupted."""
+          compile: bool = False, step_delay_s: float = 0.0, steps: int = 32, log=print) -> None:
+    """Load a checkpoint and serve it until interrupted; a diffusion model with `steps` denoising steps."""
     import uvicorn
 
     from lmforge.generate import load_for_inference
@@ -392,7 +387,8 @@ def serve(ckpt: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str 
     model, tok, state = load_for_inference(ckpt, resolve_device(device), dtype=dtype, quantize=quantize)
     name = model_name or default_model_name(state["path"])
     cfg = ServeConfig(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                      max_tokens_cap=max_tokens, compile=compile, step_delay_s=step_delay_s)
+                      max_tokens_cap=max_tokens, compile=compile, step_delay_s=step_delay_s, diffusion_steps=steps)
     app = create_app(model, tok, cfg)
-    log(f"serving {name} ({state['path']}) at http://{host}:{port}/v1  (docs: http://{host}:{port}/docs)")
+    kind = f"; a diffusion model, {steps} denoising steps" if model.cfg.objective == "diffusion" else ""
+    log(f"serving {name} ({state['path']}{kind}) at http://{host}:{port}/v1  (docs: http://{host}:{port}/docs)")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

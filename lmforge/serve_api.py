@@ -1,14 +1,20 @@
-"""The OpenAI-compatible wire format: request schemas, response bodies and the error envelope."""
+"""The OpenAI-compatible wire format: request schemas, response bodies, the error envelope and its handlers."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from typing import Any, Literal
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOPS = 4
+log = logging.getLogger("lmforge.serve")
 
 
 class ApiError(Exception):
@@ -63,6 +69,8 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = Field(False, description="lmforge extension: generate max_tokens even past <|eos|>")
+    steps: int | None = Field(None, ge=1, le=4096, description="lmforge extension, diffusion models: denoising "
+                              "steps (default: the server's --steps); ignored by autoregressive models")
     user: str | None = None
 
     @field_validator("stop")
@@ -140,3 +148,34 @@ def choice_body(index: int, text: str, finish: str, chat: bool) -> dict[str, Any
         return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                 "logprobs": None}
     return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+
+
+def install_errors(app: FastAPI) -> None:
+    """Every error the app sends, in the envelope above: ApiError, invalid requests (400, not 422), crashes."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_req: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_req: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return JSONResponse(error_body(f"{param or 'request'}: {first.get('msg')}", param=param), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def crash(_req: Request, err: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse(error_body(f"internal error: {err}", type="server_error"), status_code=500)
+
+
+def openapi_schema(app: FastAPI) -> dict:
+    """FastAPI's schema, with its 422 validation responses replaced by the 400 this server sends."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -199,3 +199,28 @@ def test_memory_warning(runs, monkeypatch):
 
     out.write(speed_summary([Answer("a", "x", 10, 0.1, 1.0), Answer("b", "y", 30, 0.1, 2.0)]))
     assert out.getvalue() == "fastest: a (1.00 s); most tokens/s: b (15.0 tokens/s)"
+
+
+def test_a_diffusion_answer_is_redrawn_on_a_terminal_and_printed_once_elsewhere():
+    from lmforge.config import TokenizerConfig
+    from lmforge.diffusion import MASK_GLYPH, MASK_TOKEN, diffusion_progress
+    from lmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(TokenizerConfig(kind="byte", special_tokens=["<|bos|>", "<|eos|>", MASK_TOKEN]), [])
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2,
+                                    seq_len=64, objective="diffusion")).eval()
+    s, p = Session("diffusion", model, tok), SamplingParams(max_new_tokens=12, temperature=0)
+    *_, (_, settled) = diffusion_progress(model, tok, "ab", max_new_tokens=12, steps=6, temperature=0)
+    plain = io.StringIO()
+    answer = ask(s, "ab", p, out=plain, steps=6)
+    assert plain.getvalue() == answer.text == settled.text and answer.tokens == len(settled.tokens)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Terminal()
+    assert ask(s, "ab", p, out=tty, steps=6).text == answer.text
+    frames = tty.getvalue().split("\x1b[J")[1:]  # each drawing starts by clearing the last one
+    assert len(frames) > 1 and MASK_GLYPH in frames[0] and frames[-1] == answer.text

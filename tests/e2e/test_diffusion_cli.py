@@ -1,5 +1,6 @@
 """recipes/diffusion-demo.toml through the CLI as a user runs it (tiny overrides), then its checkpoint's
-round trip: info, resume, export (native yes, HF/GGUF refused in one line) and generation."""
+round trip: info, resume, export (native yes, HF/GGUF refused in one line), generation, serving (the
+official openai client) and chat (through a pseudo-terminal)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+import openai
 import orjson
 import pytest
+from test_chat import STATS, finish, spawn  # tests/e2e is on sys.path (no packages): the shared helpers
+from test_serve import KEY, Server
+
+from lmforge.tokenizer import Tokenizer
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "diffusion-demo.toml"
 TINY = [
@@ -82,9 +89,67 @@ def test_generate_picks_the_diffusion_sampler(run_dir):
     assert "░" not in a.stdout
 
 
-def test_serve_and_chat_refuse_a_diffusion_model_in_one_line(run_dir):
+@pytest.fixture(scope="module")
+def server(run_dir):
     cwd, _ = run_dir
-    for args in (("serve", RUN, "--port", "65000"), ("chat", RUN)):
-        res = lmforge(*args, cwd=cwd, check=False)
-        assert res.returncode == 1, res.stderr
-        assert "diffusion model" in res.stderr and "--steps" in res.stderr and "Traceback" not in res.stderr
+    srv = Server(cwd / RUN, "--api-key", KEY, "--steps", "4", "--max-tokens", "32")
+    yield srv
+    srv.close()
+
+
+def test_serve_samples_a_diffusion_model_as_generate_does(run_dir, server):
+    cwd, _ = run_dir
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    # generate's defaults (temperature 0.8, top-k 50) and the server's --steps
+    kw = dict(model="tiny", prompt="ROMEO:", max_tokens=16, temperature=0.8, seed=1, extra_body={"top_k": 50})
+    full = client.completions.create(**kw)
+    text, finish = full.choices[0].text, full.choices[0].finish_reason
+    gen = lmforge("generate", RUN, "--prompt", "ROMEO:", "--max-new-tokens", "16", "--steps", "4", "--seed", "1",
+                  cwd=cwd)
+    assert gen.stdout == "ROMEO:" + text + "\n"
+    tok = Tokenizer.load(cwd / RUN / "tokenizer")
+    assert full.usage.prompt_tokens == 1 + len(tok.encode("ROMEO:"))
+    # every canvas position when it ran to the end; fewer when <|eos|> ended the text (not counted)
+    assert (full.usage.completion_tokens == 16) == (finish == "length") and full.usage.completion_tokens <= 16
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    msgs = [{"role": "user", "content": "Who art thou?"}]
+    answer = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, seed=2)
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, seed=2, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == answer.choices[0].message.content
+    models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+    assert models["data"][0]["objective"] == "diffusion"
+    assert "a diffusion model, 4 denoising steps" in server.output()
+
+
+def test_serve_keeps_its_limits_for_a_diffusion_model(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=33)
+    assert err.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_chat_redraws_the_canvas_and_takes_steps(run_dir):
+    cwd, _ = run_dir
+    greedy = ("--max-new-tokens", "16", "--steps", "4", "--temperature", "0")
+    answer = lmforge("generate", RUN, "--prompt", "ROMEO:", *greedy, cwd=cwd).stdout[len("ROMEO:"):-1]
+    child = spawn("-m", "lmforge", "chat", str(cwd / RUN), "--device", "cpu", *greedy)
+    child.expect("masked diffusion in 4 steps")
+    child.expect("> ")
+    child.sendline("ROMEO:")
+    child.expect_exact("\x1b[J" + answer.replace("\n", "\r\n") + "\r\n")  # the last drawing: the answer
+    child.expect(STATS)
+    child.sendline("/steps 0")
+    child.expect("steps must be at least 1")
+    child.sendline("/steps 2")
+    child.expect("steps 2")
+    child.sendline("/help")
+    child.expect("/steps K")
+    child.sendline("To be")
+    child.expect(STATS)
+    child.sendline("/quit")
+    assert finish(child) == 0

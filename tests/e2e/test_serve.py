@@ -110,7 +110,7 @@ def client(server) -> openai.OpenAI:
 
 
 def test_health_and_models(server, client):
-    assert server.health()["status"] == "ok"
+    assert server.health()["status"] == "ok" and server.health()["objective"] == "autoregressive"
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
