@@ -36,6 +36,19 @@ def _fits(recipe: Recipe, batch: int, device: torch.device) -> bool:
         torch.cuda.empty_cache()
 
 
+def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest batch in 1..limit for which `fits` holds (0 if none), assuming that every batch
+    below a fitting one fits too: doubling until one fails, then bisecting, about 2*log2 trials."""
+    lo, hi = 0, 1
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def find_batch_size(recipe: Recipe, log: Callable[[str], None] = print, limit: int = 4096) -> int:
     """Binary search over real forward/backward/optimizer steps; prints the gradient accumulation too."""
     if not torch.cuda.is_available():
@@ -45,13 +58,7 @@ def find_batch_size(recipe: Recipe, log: Callable[[str], None] = print, limit: i
         from lmforge.tokenizer import load_tokenizer
 
         recipe.model.vocab_size = load_tokenizer(recipe.tokenizer.dir).vocab_size
-    lo, hi = 0, 1
-    while hi <= limit and _fits(recipe, hi, device):
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits(recipe, mid, device) else (lo, mid)
+    lo = largest_fitting(lambda batch: _fits(recipe, batch, device), limit)
     if lo == 0:
         raise LmforgeError("not even a micro-batch of 1 fits: use a smaller model or train.seq_len")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1

@@ -6,6 +6,7 @@ symlinks updated last, so a crash at any moment leaves the previous good checkpo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -55,16 +56,55 @@ def save_checkpoint(
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / f"optim_rank{rank}.pt")
             files[f"optim_rank{rank}.pt"] = sha256_file(tmp / f"optim_rank{rank}.pt")
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).exists():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        _copy_tokenizer(tokenizer_dir, tmp)
         atomic_write_json(tmp / "state.json", {**state, "step": step, "files": files})
+    _publish(ckpt_root, final, is_best, keep)
+    return final
+
+
+def save_sharded_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    *,
+    optimizer: torch.optim.Optimizer,
+    tokenizer_dir: Path | None = None,
+    is_best: bool = False,
+    keep: int = 2,
+) -> Path:
+    """FSDP: every rank writes its shards into one step dir (`dcp/`), rank 0 adds state.json with the
+    checksums and moves the links. A collective: every rank calls it."""
+    from lmforge.sharded import broadcast, checkpoint_files, save_sharded
+
+    ckpt_root = Path(ckpt_root)
+    final = ckpt_root / step_dir_name(step)
+    main = torch.distributed.get_rank() == 0
+    with (atomic_dir(final) if main else contextlib.nullcontext()) as tmp:
+        tmp = Path(broadcast(str(tmp) if main else None))
+        save_sharded(tmp, model, optimizer)
+        torch.distributed.barrier()  # every rank's shards are on disk before they are hashed
+        if main:
+            files = {name: sha256_file(tmp / name) for name in checkpoint_files(tmp)}
+            _copy_tokenizer(tokenizer_dir, tmp)
+            atomic_write_json(tmp / "state.json", {**state, "step": step, "files": files, "sharded": True})
+    if main:
+        _publish(ckpt_root, final, is_best, keep)
+    torch.distributed.barrier()
+    return final
+
+
+def _copy_tokenizer(tokenizer_dir: Path | None, dst: Path) -> None:
+    for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copy2(Path(tokenizer_dir) / name, dst / name)
+
+
+def _publish(ckpt_root: Path, final: Path, is_best: bool, keep: int) -> None:
     _point(ckpt_root / "latest", final.name)
     if is_best:
         _point(ckpt_root / "best", final.name)
     prune(ckpt_root, keep)
-    return final
 
 
 def _point(link: Path, target_name: str) -> None:
@@ -91,7 +131,9 @@ def prune(ckpt_root: Path, keep: int) -> None:
 
 
 def is_checkpoint_dir(path: Path) -> bool:
-    return (path / "state.json").is_file() and (path / "model.safetensors").is_file()
+    from lmforge.sharded import has_dcp
+
+    return (path / "state.json").is_file() and ((path / "model.safetensors").is_file() or has_dcp(path))
 
 
 def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
@@ -111,7 +153,7 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
         if steps:
             return steps[-1]
     raise CheckpointError(
-        f"{p} is not a checkpoint: expected a dir with state.json + model.safetensors, or a run dir "
+        f"{p} is not a checkpoint: expected a dir with state.json + model.safetensors (or dcp/), or a run dir "
         "with checkpoints/"
     )
 
@@ -134,6 +176,12 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Into an unsharded model, from model.safetensors or from a sharded (FSDP) checkpoint's dcp/."""
+    from lmforge.sharded import has_dcp, load_full_model
+
+    if not (Path(ckpt) / "model.safetensors").is_file() and has_dcp(ckpt):
+        load_full_model(model, ckpt)
+        return
     try:
         sd = load_file(str(Path(ckpt) / "model.safetensors"))
     except Exception as err:  # safetensors raises several types for a damaged file

@@ -244,6 +244,9 @@ class TrainConfig(Section):
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
     device: str = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: `ddp` replicates the model on every rank; `fsdp` shards parameters, gradients and
+    optimizer state across ranks (FSDP2) for models that do not fit one device, with sharded checkpoints."""
     seed: int = 1337
     init_from: str = ""
     """Start from this checkpoint's (or run dir's) weights, with a fresh optimizer and step 0."""
@@ -258,6 +261,9 @@ class TrainConfig(Section):
     """torch intra-op threads; 0 = leave PyTorch's default."""
     sample_at_eval: bool = True
     """Write samples from the [sample] prompts to samples.txt at every validation."""
+    wandb: bool = False
+    """Also log metrics to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works offline)."""
+    wandb_project: str = "lmforge"
 
 
 class EvalConfig(Section):

@@ -10,9 +10,11 @@ import orjson
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard
+    and, when asked (`wandb_project`), to Weights & Biases."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, wandb_project: str = "",
+                 config: dict[str, Any] | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "ab")  # noqa: SIM115 (held open for the whole run)
@@ -24,6 +26,7 @@ class MetricsWriter:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
             except ImportError:
                 self._tb = None
+        self._wandb = start_wandb(Path(run_dir), wandb_project, config or {}) if wandb_project else None
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         self._f.write(orjson.dumps({"step": step, **values}) + b"\n")
@@ -32,11 +35,36 @@ class MetricsWriter:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
 
     def close(self) -> None:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def start_wandb(run_dir: Path, project: str, config: dict[str, Any]) -> Any:
+    """A W&B run that a resumed training continues: its id is kept in the run dir (`wandb_id`)."""
+    try:
+        import wandb
+    except ImportError:
+        from lmforge.errors import ConfigError
+
+        raise ConfigError("train.wandb = true needs the wandb package: pip install wandb "
+                          "(or set train.wandb = false)") from None
+    id_file = run_dir / "wandb_id"
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        import secrets
+
+        run_id = secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+    return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                      config=config)
 
 
 def memory_stats(device) -> dict[str, float]:

@@ -16,24 +16,19 @@ from lmforge.generate import SamplingParams, generate_text
 from lmforge.metrics import plot_runs
 
 
-def final_eval(tr) -> dict[str, Any]:
-    """Every validation token scored once (or the configured random batches), saved to eval/final.json."""
-    from lmforge.loaders import make_loader
+def final_eval(tr, full_model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Every validation token scored once (or the configured random batches), saved to eval/final.json.
+
+    Under FSDP, rank 0 scores every token alone with `full_model` (see `train.unsharded`)."""
     from lmforge.train import reduce_eval, validate
 
     r = tr.recipe
-    if r.eval.final == "full":
-        loader = make_loader(r, "val", batch_size=r.train.micro_batch_size, seq_len=r.model.seq_len,
-                             seed=r.train.seed + 1, mode="sequential", stride=r.eval.stride or None,
-                             device=tr.device, rank=tr.dist.rank, world_size=tr.dist.world_size,
-                             tokenizer=tr.tokenizer)
-        evaluate = evaluate_loss
-        if r.model.objective != "autoregressive":  # e.g. diffusion: its ELBO, a bound on the NLL
-            from lmforge.objectives import evaluator_for
+    if r.eval.final == "full" and tr.sharded:
+        from lmforge.sharded import broadcast
 
-            evaluate = evaluator_for(r.model, tr.tokenizer)
-        res = evaluate(tr.raw, loader.iter_eval(), tr.token_bytes, device=tr.device, dtype=tr.dtype)
-        res = reduce_eval(res, tr.dist, tr.device)
+        res = broadcast(_score_all(tr, full_model, 0, 1) if tr.dist.is_main else None)
+    elif r.eval.final == "full":
+        res = reduce_eval(_score_all(tr, tr.raw, tr.dist.rank, tr.dist.world_size), tr.dist, tr.device)
     else:
         res = validate(tr)
     res["step"] = tr.step
@@ -44,7 +39,27 @@ def final_eval(tr) -> dict[str, Any]:
     return res
 
 
-def write_samples(tr) -> list[tuple[str, str]]:
+def _score_all(tr, model: torch.nn.Module, rank: int, world: int) -> dict[str, Any]:
+    """This rank's share of the validation tokens, each scored once."""
+    from lmforge.loaders import make_loader
+
+    r = tr.recipe
+    loader = make_loader(r, "val", batch_size=r.train.micro_batch_size, seq_len=r.model.seq_len,
+                         seed=r.train.seed + 1, mode="sequential", stride=r.eval.stride or None,
+                         device=tr.device, rank=rank, world_size=world, tokenizer=tr.tokenizer)
+    evaluate = evaluate_loss
+    if r.model.objective != "autoregressive":  # e.g. diffusion: its ELBO, a bound on the NLL
+        from lmforge.objectives import evaluator_for
+
+        evaluate = evaluator_for(r.model, tr.tokenizer)
+    return evaluate(model, loader.iter_eval(), tr.token_bytes, device=tr.device, dtype=tr.dtype)
+
+
+def write_samples(tr, model: torch.nn.Module | None) -> list[tuple[str, str]]:
+    """Samples from the [sample] prompts, appended to samples.txt; `model` is None on ranks that do not
+    sample (see `train.unsharded`)."""
+    if model is None:
+        return []
     s = tr.recipe.sample
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                             top_p=s.top_p)
@@ -54,21 +69,20 @@ def write_samples(tr) -> list[tuple[str, str]]:
         if tr.recipe.model.objective == "diffusion":  # iterative unmasking, not next-token sampling
             from lmforge.diffusion import SAMPLE_STEPS, diffusion_generate
 
-            text = diffusion_generate(tr.raw, tr.tokenizer, prompt, max_new_tokens=s.max_new_tokens,
+            text = diffusion_generate(model, tr.tokenizer, prompt, max_new_tokens=s.max_new_tokens,
                                       steps=SAMPLE_STEPS, temperature=s.temperature, top_k=s.top_k,
                                       top_p=s.top_p, seed=params.seed)
         elif getattr(tr.tokenizer, "chat_template", None):  # a chat model: the prompt is a user turn
             from lmforge.sft import answer
 
-            text = answer(tr.raw, tr.tokenizer, [{"role": "user", "content": prompt}], params)
+            text = answer(model, tr.tokenizer, [{"role": "user", "content": prompt}], params)
         else:
-            text = generate_text(tr.raw, tr.tokenizer, prompt, params)
+            text = generate_text(model, tr.tokenizer, prompt, params)
         out.append((prompt, text))
     tr.raw.train()
-    if tr.dist.is_main:
-        with open(tr.run_dir / "samples.txt", "a", encoding="utf-8") as f:
-            for prompt, text in out:
-                f.write(f"=== step {tr.step} | prompt {prompt!r}\n{prompt}{text}\n\n")
+    with open(tr.run_dir / "samples.txt", "a", encoding="utf-8") as f:
+        for prompt, text in out:
+            f.write(f"=== step {tr.step} | prompt {prompt!r}\n{prompt}{text}\n\n")
     return out
 
 
@@ -76,7 +90,7 @@ def train_and_report(tr, profile: bool = False) -> dict:
     """run_loop, then (unless interrupted) the final evaluation; always releases the run dir."""
     from lmforge.errors import Interrupted
     from lmforge.profiling import maybe_profile
-    from lmforge.train import run_loop
+    from lmforge.train import run_loop, unsharded
 
     try:
         with maybe_profile(profile, tr.run_dir / "profile", tr.device) as prof:
@@ -84,10 +98,10 @@ def train_and_report(tr, profile: bool = False) -> dict:
         if summary["interrupted"]:
             raise Interrupted(f"interrupted at step {tr.step}; checkpoint saved in {tr.run_dir / 'checkpoints'}. "
                               "Resume with the same command and --resume")
-        result = {"train": summary, "eval": final_eval(tr), "samples": []}
+        full = unsharded(tr)
+        result = {"train": summary, "eval": final_eval(tr, full), "samples": write_samples(tr, full)}
         if tr.dist.is_main:
             tr.log(f"plots: {', '.join(str(p) for p in plot_runs([tr.run_dir]))}")
-            result["samples"] = write_samples(tr)
             for prompt, text in result["samples"]:
                 tr.log(f"\n--- sample: {prompt!r}\n{prompt}{text}")
         return result

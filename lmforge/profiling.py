@@ -37,3 +37,8 @@ def maybe_profile(enabled: bool, out_dir: Path, device: torch.device, active: in
     if cuda:
         torch.cuda.memory._dump_snapshot(str(out_dir / "memory_snapshot.pickle"))
         torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def nvtx_range(name: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """A named NVTX range on CUDA (Nsight Systems shows it on the timeline); nothing elsewhere."""
+    return torch.cuda.nvtx.range(name) if device.type == "cuda" else contextlib.nullcontext()

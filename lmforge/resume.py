@@ -19,7 +19,7 @@ from lmforge.errors import CheckpointError, ConfigError, TrainingError
 
 # recipe keys whose change makes a resumed run a different run
 RUN_DEFINING = ("model.", "tokenizer_fingerprint", "train.micro_batch_size", "train.batch_size_tokens",
-                "train.seed", "world_size")
+                "train.seed", "train.parallel", "world_size")
 
 
 def rng_state() -> dict[str, Any]:

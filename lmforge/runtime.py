@@ -109,11 +109,18 @@ def configure_backends(device: torch.device, threads: int = 0) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def prepare_model(model: nn.Module, device: torch.device, *, compile: bool = False, dist: Dist | None = None):
-    """Move to device, then DDP, then compile, in that order. Returns (wrapped, raw)."""
+def prepare_model(model: nn.Module, device: torch.device, *, compile: bool = False, dist: Dist | None = None,
+                  parallel: str = "ddp"):
+    """Move to device, then DDP or FSDP, then compile, in that order. Returns (wrapped, raw).
+
+    FSDP shards `raw` in place (it stays the module to save, evaluate and sample); DDP wraps it."""
     raw = model.to(device)
     wrapped: nn.Module = raw
-    if dist is not None and dist.enabled:
+    if dist is not None and dist.enabled and parallel == "fsdp":
+        from lmforge.sharded import shard_model
+
+        wrapped = shard_model(raw, device)
+    elif dist is not None and dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)

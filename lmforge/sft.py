@@ -66,7 +66,7 @@ def load_base(path: str | Path) -> Base:
 
 def _lineage(path: Path, state: dict, tok: Tokenizer) -> dict[str, Any]:
     return {"base_checkpoint": str(path.resolve()), "base_step": state.get("step"),
-            "base_weights_sha256": (state.get("files") or {}).get("model.safetensors"),
+            "base_weights_sha256": (state.get("files") or {}).get("model.safetensors"),  # None if sharded
             "base_tokenizer_fingerprint": tok.fingerprint}
 
 
@@ -166,6 +166,13 @@ def base_weights(base: Base) -> dict[str, torch.Tensor]:
         from lmforge.models.hf import load_hf_dir
 
         return load_hf_dir(base.path)[1]
+    if not (base.path / "model.safetensors").is_file():  # a sharded (FSDP) checkpoint: gather it here
+        from lmforge.checkpoint import load_model_weights, model_state
+        from lmforge.models.transformer import Transformer
+
+        model = Transformer(ModelConfig.model_validate(base.model))
+        load_model_weights(model, base.path)
+        return model_state(model)
     return load_file(str(base.path / "model.safetensors"))
 
 

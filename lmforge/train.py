@@ -18,7 +18,13 @@ from typing import Any
 import torch
 
 from lmforge import __version__
-from lmforge.checkpoint import load_model_weights, load_optimizer, read_state, save_checkpoint
+from lmforge.checkpoint import (
+    load_model_weights,
+    load_optimizer,
+    read_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from lmforge.config import Recipe, to_toml
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.evaluate import evaluate_loss
@@ -27,6 +33,7 @@ from lmforge.metrics import MetricsWriter, Progress, memory_stats, truncate_afte
 from lmforge.models.transformer import Transformer, param_summary
 from lmforge.objectives import autoregressive_loss
 from lmforge.optim import lr_at, make_optimizer, set_lr
+from lmforge.profiling import nvtx_range
 from lmforge.resume import RunLock, check_resume_config, find_resumable, rng_state, set_rng_state
 from lmforge.runtime import (
     Dist,
@@ -71,6 +78,8 @@ class Trainer:
     """Save and stop after this step, as if interrupted (scheduled preemption, tests)."""
     extra_state: dict = field(default_factory=dict)
     """More for every checkpoint's state.json (SFT: the base model's lineage and the chat template)."""
+    sharded: bool = False
+    """FSDP: `raw` holds this rank's shards only; checkpoints are sharded (lmforge.sharded)."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -157,19 +166,24 @@ def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Cal
             train_loader, val_loader = loaders(recipe, dist, device)
         else:
             train_loader, val_loader = _make_loaders(recipe, dist, device, tokenizer)
+        sharded = dist.enabled and recipe.train.parallel == "fsdp"
+        model = raw
+        if sharded:  # sharding replaces the parameters: the optimizer must be built on the new ones
+            model, raw = prepare_model(raw, device, compile=recipe.train.compile, dist=dist, parallel="fsdp")
         tr = Trainer(
-            recipe=recipe, dist=dist, device=device, dtype=dtype, model=raw, raw=raw,
+            recipe=recipe, dist=dist, device=device, dtype=dtype, model=model, raw=raw,
             optimizer=make_optimizer(raw, recipe.train, device), train_loader=train_loader,
             val_loader=val_loader, tokenizer=tokenizer,
             token_bytes=torch.as_tensor(tokenizer.token_bytes(), dtype=torch.int64), run_dir=run_dir,
             accum=_accum_steps(recipe, dist.world_size), lock=lock,
             loss_fn=loss_fn or loss_for(recipe.model, tokenizer),
-            log=log if dist.is_main else (lambda *_: None),
+            log=log if dist.is_main else (lambda *_: None), sharded=sharded,
         )
         if resume:
             _restore(tr)
-        raw.to(device)
-        tr.model, tr.raw = prepare_model(raw, device, compile=recipe.train.compile, dist=dist)
+        if not sharded:
+            raw.to(device)
+            tr.model, tr.raw = prepare_model(raw, device, compile=recipe.train.compile, dist=dist)
     except BaseException:
         if lock:
             lock.release()
@@ -224,8 +238,13 @@ def _restore(tr: Trainer) -> None:
            "train": tr.recipe.train.model_dump(mode="json"), "world_size": tr.dist.world_size}
     for line in check_resume_config(state, new):
         tr.log(f"resume: changed {line}")
-    load_model_weights(tr.raw, ckpt)
-    load_optimizer(tr.optimizer, ckpt, 0)
+    if tr.sharded:
+        from lmforge.sharded import load_sharded
+
+        load_sharded(ckpt, tr.raw, tr.optimizer)
+    else:
+        load_model_weights(tr.raw, ckpt)
+        load_optimizer(tr.optimizer, ckpt, 0)
     tr.step = state["step"]
     tr.tokens_seen = state["tokens_seen"]
     tr.best_val = state["best_val_loss"] if state.get("best_val_loss") is not None else math.inf
@@ -291,10 +310,11 @@ def reduce_eval(res: dict[str, float], dist: Dist, device: torch.device) -> dict
 
 def _save(tr: Trainer, is_best: bool) -> Path | None:
     state = _state(tr)  # collective under DDP: every rank takes part
-    if not tr.dist.is_main:
+    if not (tr.dist.is_main or tr.sharded):
         return None
+    save = save_sharded_checkpoint if tr.sharded else save_checkpoint  # sharded: every rank writes its part
     try:
-        path = save_checkpoint(
+        path = save(
             tr.run_dir / "checkpoints", tr.step, tr.raw, state, optimizer=tr.optimizer,
             tokenizer_dir=Path(tr.recipe.tokenizer.dir), is_best=is_best, keep=tr.recipe.train.keep_checkpoints,
         )
@@ -331,40 +351,84 @@ def _after_validation(tr: Trainer, metrics) -> bool:
     if metrics:
         metrics.log(tr.step, {"val/loss": tr.last_val["loss"], "val/bpb": tr.last_val["bpb"],
                               "val/perplexity": tr.last_val["perplexity"]})
-    if cfg.sample_at_eval and tr.dist.is_main:
-        write_samples(tr)
+    if cfg.sample_at_eval:
+        write_samples(tr, unsharded(tr))
     return is_best
 
 
+def unsharded(tr: Trainer) -> torch.nn.Module | None:
+    """The module to sample from and to score on one rank: rank 0's `raw` (None elsewhere), or under
+    FSDP a full copy gathered onto rank 0 (a collective: every rank calls it)."""
+    if tr.sharded:
+        from lmforge.sharded import gather_full_model
+
+        return gather_full_model(tr.raw, tr.device)
+    return tr.raw if tr.dist.is_main else None
+
+
+def _token_weights(tr: Trainer, batches: list[tuple]) -> torch.Tensor:
+    """Each micro-batch's share of the step's gradient: its target tokens over all ranks' targets.
+
+    A micro-batch loss is a mean over its own targets, so weighting by target counts (rather than
+    1/accum) makes the step's loss the mean over every target token of the global batch, however the
+    masks (SFT) or padding spread them. DDP and FSDP average gradients over ranks, hence `* world`.
+    With no target at all the weights are 0 and the loss NaN, which the step then reports."""
+    counts = torch.stack([(b[1] != -1).sum() for b in batches]).double()  # on the device: no sync here
+    total = counts.sum()
+    if tr.dist.enabled:
+        torch.distributed.all_reduce(total)
+    return (counts * tr.dist.world_size / total.clamp_min(1)).float()
+
+
+def _sync_grads(tr: Trainer, last: bool):
+    """Synchronise gradients across ranks on the last micro-batch only."""
+    if not tr.dist.enabled:
+        return contextlib.nullcontext()
+    if tr.sharded:
+        tr.raw.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last else tr.model.no_sync()
+
+
 def _train_step(tr: Trainer, it) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward/backward over the micro-batches, clip, optimizer step. Returns (summed loss, grad norm)."""
-    loss_sum = torch.zeros((), device=tr.device)
-    for micro in range(tr.accum):
-        batch = next(it)  # (x, y) or, from loaders with more to say (SFT), (x, y, extras...)
-        # DDP all-reduces gradients only on the last micro-batch
-        sync = tr.model.no_sync if (tr.dist.enabled and micro < tr.accum - 1) else contextlib.nullcontext
-        with sync(), autocast_ctx(tr.device, tr.dtype):
-            loss = tr.loss_fn(tr.model, *batch)
-        (loss / tr.accum).backward()
-        loss_sum += loss.detach()
+    """Forward/backward over the micro-batches, clip, optimizer step. Returns (mean loss, grad norm)."""
+    from lmforge.sharded import full_tensor
+
+    # (x, y) or, from loaders with more to say (SFT), (x, y, extras...); all of the step's first, for the weights
+    batches = [next(it) for _ in range(tr.accum)]
+    weights = _token_weights(tr, batches)
+    loss_mean = torch.zeros((), device=tr.device)  # over the global batch's targets once the ranks' shares add up
+    for micro, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
+        with _sync_grads(tr, micro == tr.accum - 1):
+            with nvtx_range("forward", tr.device), autocast_ctx(tr.device, tr.dtype):
+                loss = tr.loss_fn(tr.model, *batch)
+            with nvtx_range("backward", tr.device):
+                (loss * weight).backward()
+        loss_mean += loss.detach() * (weight / tr.dist.world_size)
+    if tr.dist.enabled:
+        torch.distributed.all_reduce(loss_mean)
     clip = tr.recipe.train.grad_clip or float("inf")
-    gnorm = torch.nn.utils.clip_grad_norm_(tr.raw.parameters(), clip)
-    if not (torch.isfinite(gnorm) and torch.isfinite(loss_sum)):
+    gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(tr.raw.parameters(), clip))
+    if not (torch.isfinite(gnorm) and torch.isfinite(loss_mean)):
         tr.optimizer.zero_grad(set_to_none=True)
         raise TrainingError(
-            f"non-finite loss or gradient at step {tr.step + 1} (loss {loss_sum.item() / tr.accum:.4g}, grad norm "
+            f"non-finite loss or gradient at step {tr.step + 1} (loss {loss_mean.item():.4g}, grad norm "
             f"{gnorm.item():.4g}); nothing was updated and the last good checkpoint in "
             f"{tr.run_dir / 'checkpoints'} is kept; try a lower train.lr"
         )
-    tr.optimizer.step()
-    tr.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, gnorm
+    with nvtx_range("optimizer", tr.device):
+        tr.optimizer.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+    return loss_mean, gnorm
 
 
 def run_loop(tr: Trainer, profiler=None) -> dict[str, Any]:
     """Train until max_steps, max_time_s, early stopping or a signal. Returns a summary."""
     cfg = tr.recipe.train
-    metrics = MetricsWriter(tr.run_dir) if tr.dist.is_main else None
+    metrics = None
+    if tr.dist.is_main:
+        metrics = MetricsWriter(tr.run_dir, wandb_project=cfg.wandb_project if cfg.wandb else "",
+                                config=tr.recipe.model_dump(mode="json"))
     progress = Progress(cfg.max_steps, tr.step)
     flops_tok, peak = tr.raw.flops_per_token(), peak_flops(tr.device, tr.dtype)
     p = param_summary(tr.raw)
@@ -381,7 +445,7 @@ def run_loop(tr: Trainer, profiler=None) -> dict[str, Any]:
             while tr.step < cfg.max_steps:
                 set_lr(tr.optimizer, lr := lr_at(tr.step, cfg))
                 try:
-                    loss_sum, gnorm = _train_step(tr, it)
+                    loss_mean, gnorm = _train_step(tr, it)
                 except StopIteration:  # the loader's data.epochs are used up: keep what was learnt
                     tr.optimizer.zero_grad(set_to_none=True)
                     stopped = "data exhausted"
@@ -395,7 +459,7 @@ def run_loop(tr: Trainer, profiler=None) -> dict[str, Any]:
                 last = tr.step == cfg.max_steps or bool(timed_out)
                 if tr.step % cfg.log_every == 0 or last:
                     now = time.perf_counter()
-                    lossv = loss_sum.item() / tr.accum
+                    lossv = loss_mean.item()
                     smooth = lossv if smooth is None else 0.9 * smooth + 0.1 * lossv
                     _log_step(tr, metrics, progress, lossv, lr, float(gnorm), tok_since / max(now - t_last, 1e-9),
                               smooth, flops_tok, peak, (now - t_last) / steps_since)

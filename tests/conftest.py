@@ -77,3 +77,15 @@ def tiny_recipe(tiny_root: Path, tiny_shards_dir: Path, tmp_path: Path) -> Recip
 def tiny_base_recipe(tiny_root: Path, tiny_shards_dir: Path) -> Recipe:
     """Like `tiny_recipe` but shared by a whole module/session (copy it before changing it)."""
     return Recipe.model_validate(_tiny_raw(tiny_root))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests skip on a machine without CUDA, also when selected by name."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,4 +1,5 @@
-"""Data parallel on 2 CPU processes with gloo, launched by torchrun as a user would."""
+"""Data parallel (DDP) and fully sharded (FSDP2) training on 2 CPU processes with gloo, launched by
+torchrun as a user would."""
 
 import os
 import shutil
@@ -9,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 import tomli_w
+import torch
 
 pytestmark = pytest.mark.distributed
 
@@ -24,10 +26,10 @@ def torchrun(*args, check=True):
     return res
 
 
-def recipe(base, tmp: Path, run: str) -> Path:
+def recipe(base, tmp: Path, run: str, **train) -> Path:
     raw = base.model_dump(mode="json")
     raw["train"].update({"max_steps": 8, "log_every": 1, "eval_every": 4, "save_every": 4, "micro_batch_size": 4,
-                         "warmup_steps": 2, "sample_at_eval": False, "run_dir": str(tmp / run)})
+                         "warmup_steps": 2, "sample_at_eval": False, "run_dir": str(tmp / run), **train})
     raw["eval"]["batches"] = 2
     path = tmp / f"{run}.toml"
     path.write_text(tomli_w.dumps(raw))
@@ -39,14 +41,21 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def test_two_ranks_train_log_once_and_resume_exactly(tiny_base_recipe, tmp_path):
-    ref = recipe(tiny_base_recipe, tmp_path, "ref")
-    out = torchrun("train", str(ref))
-    assert "world size 2" in out.stdout
-    assert out.stdout.count("step 8/8 |") == 1  # only rank 0 logs
-    ref_losses = losses(tmp_path / "ref")
+@pytest.fixture(scope="module")
+def ddp_ref(tiny_base_recipe, tmp_path_factory):
+    """An uninterrupted 8-step DDP run: (its dir, torchrun's stdout)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    out = torchrun("train", str(recipe(tiny_base_recipe, tmp, "ref")))
+    return tmp / "ref", out.stdout
+
+
+def test_two_ranks_train_log_once_and_resume_exactly(tiny_base_recipe, ddp_ref, tmp_path):
+    ref_dir, stdout = ddp_ref
+    assert "world size 2" in stdout
+    assert stdout.count("step 8/8 |") == 1  # only rank 0 logs
+    ref_losses = losses(ref_dir)
     assert sorted(ref_losses) == list(range(1, 9))
-    state = orjson.loads((tmp_path / "ref/checkpoints/step_000008/state.json").read_bytes())
+    state = orjson.loads((ref_dir / "checkpoints/step_000008/state.json").read_bytes())
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and len(state["loader"]) == 2
     assert state["tokens_seen"] == 8 * 2 * 4 * 64  # steps * ranks * batch * seq_len
 
@@ -67,3 +76,50 @@ def test_two_ranks_train_log_once_and_resume_exactly(tiny_base_recipe, tmp_path)
     res = subprocess.run([sys.executable, "-m", "lmforge", "train", str(single), "--resume"], env=ENV,
                          capture_output=True, text=True)
     assert res.returncode == 1 and "world_size: 2 -> 1" in res.stderr
+
+
+def test_fsdp_matches_ddp_resumes_exactly_and_loads_in_one_process(tiny_base_recipe, ddp_ref, tmp_path):
+    ref_dir, _ = ddp_ref
+    ddp_losses = losses(ref_dir)
+    run = recipe(tiny_base_recipe, tmp_path, "fsdp", parallel="fsdp", sample_at_eval=True)
+    res = torchrun("train", str(run), "--stop-at", "4", check=False)
+    assert res.returncode != 0 and "--resume" in res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+    out = torchrun("train", str(run), "--resume")
+    assert "resumed from" in out.stdout and out.stdout.count("step 8/8 |") == 1
+    fsdp_losses = losses(tmp_path / "fsdp")
+    # the same weights, data and global batch as DDP: only the order of float sums differs
+    assert sorted(fsdp_losses) == list(range(1, 9))
+    for step in range(1, 9):
+        assert fsdp_losses[step] == pytest.approx(ddp_losses[step], rel=1e-4, abs=1e-5), step
+
+    ckpt = tmp_path / "fsdp/checkpoints/step_000008"
+    state = orjson.loads((ckpt / "state.json").read_bytes())
+    assert state["sharded"] and state["world_size"] == 2 and len(state["rng"]) == 2
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(state["files"])
+    assert not (ckpt / "model.safetensors").exists()  # each rank wrote its own shards, nobody the whole
+    # the final evaluation (rank 0 on a gathered copy, every token) agrees with DDP's (split and reduced)
+    final = orjson.loads((tmp_path / "fsdp/eval/final.json").read_bytes())
+    ddp_final = orjson.loads((ref_dir / "eval/final.json").read_bytes())
+    assert final["tokens"] == ddp_final["tokens"]
+    assert final["loss"] == pytest.approx(ddp_final["loss"], rel=1e-4)
+    assert "=== step 4 |" in (tmp_path / "fsdp/samples.txt").read_text()
+
+    # one process, no process group: the sharded checkpoint exports to a plain safetensors model
+    exported = tmp_path / "exported"
+    subprocess.run([sys.executable, "-m", "lmforge", "export", str(tmp_path / "fsdp"), "--format", "safetensors",
+                    "--out", str(exported)], env=ENV, check=True, capture_output=True, text=True, timeout=120)
+    from safetensors.torch import load_file
+
+    from lmforge.sft import base_weights, load_base
+
+    mine = load_file(str(exported / "model.safetensors"))
+    theirs = load_file(str(ref_dir / "checkpoints/step_000008/model.safetensors"))
+    assert set(mine) == set(theirs)
+    for k, v in theirs.items():
+        assert (mine[k] - v).abs().max() < 1e-3, k
+    for k, v in base_weights(load_base(tmp_path / "fsdp")).items():  # SFT can start from it too
+        assert torch.equal(v, mine[k]), k
+    gen = subprocess.run([sys.executable, "-m", "lmforge", "generate", str(tmp_path / "fsdp"), "--prompt", "ROMEO:",
+                          "--max-new-tokens", "8", "--temperature", "0"], env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert gen.returncode == 0 and gen.stdout.startswith("ROMEO:"), gen.stderr[-2000:]

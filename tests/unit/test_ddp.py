@@ -62,3 +62,45 @@ def test_gradients_are_averaged_and_ranks_stay_identical():
     for k, v in single.state_dict().items():
         assert torch.equal(out[0]["params"][k], out[1]["params"][k]), k
         torch.testing.assert_close(out[0]["params"][k], v, atol=1e-6, rtol=1e-5)
+
+
+def _fsdp_worker(rank: int, port: int, out: dict) -> None:
+    from lmforge.sharded import full_tensor, is_sharded
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # different local weights: sharding must start every rank from rank 0's
+    model = Transformer(ModelConfig(preset="tiny", vocab_size=97))
+    if rank == 0:
+        model.load_state_dict(_model().state_dict())
+    model, raw = prepare_model(model, torch.device("cpu"), dist=Dist(rank, rank, 2), parallel="fsdp")
+    assert is_sharded(raw) and model is raw
+    local = {k: v.to_local().numel() for k, v in raw.state_dict().items()}
+    opt = torch.optim.SGD(raw.parameters(), lr=0.1)
+    x, y = _batch()
+    loss = autoregressive_loss(model, x[rank * 2:(rank + 1) * 2], y[rank * 2:(rank + 1) * 2])
+    loss.backward()
+    opt.step()
+    out[rank] = {"loss": loss.item(), "local": local,
+                 "params": {k: full_tensor(v).clone() for k, v in raw.state_dict().items()}}
+    dist.destroy_process_group()
+
+
+def test_fsdp_shards_parameters_and_matches_one_process():
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_fsdp_worker, args=(_free_port(), out), nprocs=2, join=True)
+    single = _model()
+    opt = torch.optim.SGD(single.parameters(), lr=0.1)
+    x, y = _batch()
+    full_loss = autoregressive_loss(single, x, y)
+    full_loss.backward()
+    opt.step()
+    assert (out[0]["loss"] + out[1]["loss"]) / 2 == pytest.approx(full_loss.item(), abs=1e-6)
+    for k, v in single.state_dict().items():
+        # each rank keeps half of every parameter (dim 0 split in two)
+        assert out[0]["local"][k] + out[1]["local"][k] == v.numel(), k
+        assert out[0]["local"][k] < v.numel() or v.numel() == 1, k
+        assert torch.equal(out[0]["params"][k], out[1]["params"][k]), k
+        torch.testing.assert_close(out[0]["params"][k], v, atol=1e-6, rtol=1e-5)

@@ -336,7 +336,7 @@ def test_training_loop_trains_validates_and_samples(diffusion_data, tmp_path):
     try:
         summary = run_loop(tr)
         final = final_eval(tr)
-        samples = write_samples(tr)
+        samples = write_samples(tr, tr.raw)
     finally:
         tr.close()
     rows = [orjson.loads(line) for line in (tr.run_dir / "metrics.jsonl").read_bytes().splitlines()]

@@ -199,3 +199,35 @@ def test_init_from_copies_weights_with_a_fresh_optimizer(tiny_recipe):
     other.model.n_layer = 3
     with pytest.raises(ConfigError, match=r"init_from does not match.*model.n_layer: 2"):
         setup(other, log=quiet)
+
+
+def test_accumulation_weights_micro_batches_by_their_target_tokens(tiny_recipe):
+    from lmforge.objectives import autoregressive_loss
+    from lmforge.train import _train_step
+
+    recipe = make(tiny_recipe, micro_batch_size=2, batch_size_tokens=2 * 2 * 64, grad_clip=0.0)
+    tr = setup(recipe, log=quiet)
+    try:
+        assert tr.accum == 2
+        g = torch.Generator().manual_seed(3)
+        vocab = recipe.model.vocab_size
+        x = torch.randint(0, vocab, (4, 64), generator=g)
+        y = torch.randint(0, vocab, (4, 64), generator=g)
+        y[:2, 5:] = -1  # the first micro-batch has 10 targets, the second 128 (an SFT-like mask)
+        start = {k: v.clone() for k, v in tr.raw.state_dict().items()}
+        ref = autoregressive_loss(tr.raw, x, y)  # one batch: the mean over all 138 targets
+        ref.backward()
+        ref_grads = {n: p.grad.clone() for n, p in tr.raw.named_parameters()}
+        tr.optimizer.zero_grad(set_to_none=True)
+        # weighting each micro-batch by 1/accum instead would give another gradient: the test can tell
+        ((autoregressive_loss(tr.raw, x[:2], y[:2]) + autoregressive_loss(tr.raw, x[2:], y[2:])) / 2).backward()
+        assert (tr.raw.tok_emb.weight.grad - ref_grads["tok_emb.weight"]).abs().max() > 1e-4
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.optimizer = torch.optim.SGD(tr.raw.parameters(), lr=1.0)  # the step's update is then -grad
+        loss, _ = _train_step(tr, iter([(x[:2], y[:2]), (x[2:], y[2:])]))
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        after = tr.raw.state_dict()
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(start[name] - after[name], grad, atol=1e-6, rtol=1e-4)
+    finally:
+        tr.close()

@@ -1,0 +1,113 @@
+"""Fully sharded data parallel (FSDP2, `torch.distributed.fsdp.fully_shard`): `train.parallel = "fsdp"`.
+
+Each rank holds 1/world of every parameter, gradient and optimizer state; a block's full weights are
+all-gathered just for its forward and backward. Checkpoints are sharded too: every rank writes its
+own part with `torch.distributed.checkpoint` (DCP) into `step_XXXXXX/dcp/`, and one process with no
+process group can read the whole model back from there (export, eval, generation all can).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from lmforge.errors import CheckpointError
+
+DCP_DIR = "dcp"
+
+
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Shard each Transformer block, then the rest (embeddings, final norm, head) as the root group.
+
+    The model is changed in place (its parameters become DTensors), so build the optimizer after this.
+    Each rank holds the whole model until then: a model that fits in host memory but not on one device."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # every rank built (and seeded) its own copy: start all from rank 0's weights, as DDP does
+    for t in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(t.data, src=0)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective); a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def has_dcp(ckpt: Path) -> bool:
+    return (Path(ckpt) / DCP_DIR / ".metadata").is_file()
+
+
+def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards of the model and the optimizer into `folder/dcp` (a collective)."""
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(Path(folder) / DCP_DIR))
+
+
+def load_sharded(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Each rank reads its own shards back (a collective); the world size may differ from the save's."""
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def load_full_model(model: nn.Module, ckpt: Path) -> None:
+    """Read a sharded checkpoint's whole model into one unsharded module, without a process group."""
+    sd = model.state_dict()
+    try:
+        dcp.load({"model": sd}, checkpoint_id=str(Path(ckpt) / DCP_DIR), no_dist=True)
+    except Exception as err:  # DCP raises several types (CheckpointException wraps the per-rank ones)
+        raise CheckpointError(f"{ckpt}/{DCP_DIR} cannot be read: {str(err).splitlines()[0]}") from None
+    model.load_state_dict(sd)
+
+
+def gather_full_model(model: nn.Module, device: torch.device) -> nn.Module | None:
+    """A plain, unsharded copy of `model` on rank 0 (None elsewhere); every rank must call it.
+
+    Sampling and the final evaluation run on it: the fast decode path reads weights directly, and
+    rank 0 alone can then score every validation token without the others in lockstep."""
+    from lmforge.models.transformer import Transformer
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    copy = Transformer(model.cfg)
+    copy.load_state_dict(sd)
+    return copy.to(device)
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """The DCP files under `folder`, relative to it, for the checksum list in state.json."""
+    root = Path(folder) / DCP_DIR
+    return sorted(os.path.relpath(p, folder) for p in root.rglob("*") if p.is_file())
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
