@@ -75,17 +75,21 @@ def save_sharded_checkpoint(
 ) -> Path:
     """FSDP: every rank writes its shards into one step dir (`dcp/`), rank 0 adds state.json with the
     checksums and moves the links. A collective: every rank calls it."""
-    from lmforge.sharded import broadcast, checkpoint_files, save_sharded
+    from lmforge.sharded import broadcast, save_sharded
 
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / step_dir_name(step)
     main = torch.distributed.get_rank() == 0
     with (atomic_dir(final) if main else contextlib.nullcontext()) as tmp:
         tmp = Path(broadcast(str(tmp) if main else None))
-        save_sharded(tmp, model, optimizer)
+        names = save_sharded(tmp, model, optimizer)
         torch.distributed.barrier()  # every rank's shards are on disk before they are hashed
         if main:
-            files = {name: sha256_file(tmp / name) for name in checkpoint_files(tmp)}
+            missing = [n for n in names if not (tmp / n).is_file()]
+            if missing:  # written on other machines' disks: DCP needs one filesystem that all ranks share
+                raise CheckpointError(f"{final}: shards {missing[:3]} were written elsewhere; put train.run_dir "
+                                      "on a filesystem that every node shares")
+            files = {name: sha256_file(tmp / name) for name in names}
             _copy_tokenizer(tokenizer_dir, tmp)
             atomic_write_json(tmp / "state.json", {**state, "step": step, "files": files, "sharded": True})
     if main:

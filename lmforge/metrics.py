@@ -46,8 +46,7 @@ class MetricsWriter:
             self._wandb.finish()
 
 
-def start_wandb(run_dir: Path, project: str, config: dict[str, Any]) -> Any:
-    """A W&B run that a resumed training continues: its id is kept in the run dir (`wandb_id`)."""
+def require_wandb() -> Any:
     try:
         import wandb
     except ImportError:
@@ -55,6 +54,12 @@ def start_wandb(run_dir: Path, project: str, config: dict[str, Any]) -> Any:
 
         raise ConfigError("train.wandb = true needs the wandb package: pip install wandb "
                           "(or set train.wandb = false)") from None
+    return wandb
+
+
+def start_wandb(run_dir: Path, project: str, config: dict[str, Any]) -> Any:
+    """A W&B run that a resumed training continues: its id is kept in the run dir (`wandb_id`)."""
+    wandb = require_wandb()
     id_file = run_dir / "wandb_id"
     if id_file.is_file():
         run_id = id_file.read_text().strip()

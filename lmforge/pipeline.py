@@ -16,21 +16,11 @@ from lmforge.generate import SamplingParams, generate_text
 from lmforge.metrics import plot_runs
 
 
-def final_eval(tr, full_model: torch.nn.Module | None = None) -> dict[str, Any]:
-    """Every validation token scored once (or the configured random batches), saved to eval/final.json.
-
-    Under FSDP, rank 0 scores every token alone with `full_model` (see `train.unsharded`)."""
+def final_eval(tr) -> dict[str, Any]:
+    """Every validation token scored once (or the configured random batches), saved to eval/final.json."""
     from lmforge.train import reduce_eval, validate
 
-    r = tr.recipe
-    if r.eval.final == "full" and tr.sharded:
-        from lmforge.sharded import broadcast
-
-        res = broadcast(_score_all(tr, full_model, 0, 1) if tr.dist.is_main else None)
-    elif r.eval.final == "full":
-        res = reduce_eval(_score_all(tr, tr.raw, tr.dist.rank, tr.dist.world_size), tr.dist, tr.device)
-    else:
-        res = validate(tr)
+    res = reduce_eval(_score_all(tr), tr.dist, tr.device) if tr.recipe.eval.final == "full" else validate(tr)
     res["step"] = tr.step
     if tr.dist.is_main:
         atomic_write_json(tr.run_dir / "eval" / "final.json", res)
@@ -39,20 +29,25 @@ def final_eval(tr, full_model: torch.nn.Module | None = None) -> dict[str, Any]:
     return res
 
 
-def _score_all(tr, model: torch.nn.Module, rank: int, world: int) -> dict[str, Any]:
+def _score_all(tr) -> dict[str, Any]:
     """This rank's share of the validation tokens, each scored once."""
     from lmforge.loaders import make_loader
 
     r = tr.recipe
     loader = make_loader(r, "val", batch_size=r.train.micro_batch_size, seq_len=r.model.seq_len,
                          seed=r.train.seed + 1, mode="sequential", stride=r.eval.stride or None,
-                         device=tr.device, rank=rank, world_size=world, tokenizer=tr.tokenizer)
+                         device=tr.device, rank=tr.dist.rank, world_size=tr.dist.world_size, tokenizer=tr.tokenizer)
+    batches = loader.iter_eval()
+    if tr.sharded:  # shares may differ by a batch, and every forward of a sharded model is a collective
+        from lmforge.sharded import in_lockstep
+
+        batches = in_lockstep(batches, r.model.seq_len, tr.device)
     evaluate = evaluate_loss
     if r.model.objective != "autoregressive":  # e.g. diffusion: its ELBO, a bound on the NLL
         from lmforge.objectives import evaluator_for
 
         evaluate = evaluator_for(r.model, tr.tokenizer)
-    return evaluate(model, loader.iter_eval(), tr.token_bytes, device=tr.device, dtype=tr.dtype)
+    return evaluate(tr.raw, batches, tr.token_bytes, device=tr.device, dtype=tr.dtype)
 
 
 def write_samples(tr, model: torch.nn.Module | None) -> list[tuple[str, str]]:
@@ -98,8 +93,7 @@ def train_and_report(tr, profile: bool = False) -> dict:
         if summary["interrupted"]:
             raise Interrupted(f"interrupted at step {tr.step}; checkpoint saved in {tr.run_dir / 'checkpoints'}. "
                               "Resume with the same command and --resume")
-        full = unsharded(tr)
-        result = {"train": summary, "eval": final_eval(tr, full), "samples": write_samples(tr, full)}
+        result = {"train": summary, "eval": final_eval(tr), "samples": write_samples(tr, unsharded(tr))}
         if tr.dist.is_main:
             tr.log(f"plots: {', '.join(str(p) for p in plot_runs([tr.run_dir]))}")
             for prompt, text in result["samples"]:

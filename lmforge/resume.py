@@ -68,8 +68,10 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
 
 def check_resume_config(state: dict, new: dict) -> list[str]:
     """Refuse a resume that would change the run; return the harmless changes to report."""
+    # checkpoints from before train.parallel existed were all data parallel
+    old_train = {"parallel": "ddp", **state["recipe"]["train"]}
     old = {"model": state["model_config"], "tokenizer_fingerprint": state["tokenizer_fingerprint"],
-           "train": state["recipe"]["train"], "world_size": state.get("world_size", 1)}
+           "train": old_train, "world_size": state.get("world_size", 1)}
     defining, harmless = config_changes(old, new)
     if defining:
         raise ConfigError("cannot resume: these changes would make it a different run: " + "; ".join(defining))

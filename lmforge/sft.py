@@ -325,6 +325,9 @@ def run_sft(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: C
     from lmforge.train import setup
 
     dist = init_distributed()
+    if dist.enabled and recipe.train.parallel == "fsdp":  # its validation and chats run on rank 0 alone
+        raise ConfigError('lmforge sft runs data parallel only: set train.parallel = "ddp" (FSDP fine-tuning '
+                          "is not supported yet)")
     if dist.is_main:  # one process prepares the data and writes the start files; the others then read them
         plan = plan_sft(recipe, log=log, world=dist.world_size)
         _start_files(plan, resume, fresh)

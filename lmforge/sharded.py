@@ -8,7 +8,8 @@ process group can read the whole model back from there (export, eval, generation
 
 from __future__ import annotations
 
-import os
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,13 @@ def has_dcp(ckpt: Path) -> bool:
     return (Path(ckpt) / DCP_DIR / ".metadata").is_file()
 
 
-def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every rank writes its shards of the model and the optimizer into `folder/dcp` (a collective)."""
+def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Every rank writes its shards of the model and the optimizer into `folder/dcp` (a collective).
+    Returns the files the checkpoint's metadata names, relative to `folder`."""
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(Path(folder) / DCP_DIR))
+    meta = dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(Path(folder) / DCP_DIR))
+    names = {info.relative_path for info in (meta.storage_data or {}).values()}
+    return sorted(f"{DCP_DIR}/{n}" for n in names | {".metadata"})
 
 
 def load_sharded(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -79,7 +83,9 @@ def load_full_model(model: nn.Module, ckpt: Path) -> None:
     """Read a sharded checkpoint's whole model into one unsharded module, without a process group."""
     sd = model.state_dict()
     try:
-        dcp.load({"model": sd}, checkpoint_id=str(Path(ckpt) / DCP_DIR), no_dist=True)
+        with warnings.catch_warnings():  # DCP warns that one process loads: that is the point here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": sd}, checkpoint_id=str(Path(ckpt) / DCP_DIR), no_dist=True)
     except Exception as err:  # DCP raises several types (CheckpointException wraps the per-rank ones)
         raise CheckpointError(f"{ckpt}/{DCP_DIR} cannot be read: {str(err).splitlines()[0]}") from None
     model.load_state_dict(sd)
@@ -88,22 +94,35 @@ def load_full_model(model: nn.Module, ckpt: Path) -> None:
 def gather_full_model(model: nn.Module, device: torch.device) -> nn.Module | None:
     """A plain, unsharded copy of `model` on rank 0 (None elsewhere); every rank must call it.
 
-    Sampling and the final evaluation run on it: the fast decode path reads weights directly, and
-    rank 0 alone can then score every validation token without the others in lockstep."""
+    Samples come from it: the fast decode path reads the weights directly, and a generation's
+    length would otherwise have to match on every rank. Its weights must fit on rank 0's device."""
     from lmforge.models.transformer import Transformer
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    copy = Transformer(model.cfg)
+    with torch.random.fork_rng(devices=[]):  # the copy's throwaway init must not move the training RNG
+        copy = Transformer(model.cfg)
     copy.load_state_dict(sd)
     return copy.to(device)
 
 
-def checkpoint_files(folder: Path) -> list[str]:
-    """The DCP files under `folder`, relative to it, for the checksum list in state.json."""
-    root = Path(folder) / DCP_DIR
-    return sorted(os.path.relpath(p, folder) for p in root.rglob("*") if p.is_file())
+def in_lockstep(batches: Iterable[tuple], seq_len: int, device: torch.device) -> Iterator[tuple]:
+    """This rank's (x, y, mask) evaluation batches, then batches that score nothing (mask all False)
+    until every rank is done. Ranks may hold different numbers of batches, but each forward of a
+    sharded model is a collective (the all-gathers), so all ranks must run as many."""
+    it = iter(batches)
+    blank = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+    spare = (blank, blank, torch.zeros(blank.shape, dtype=torch.bool, device=device))
+    while True:
+        batch = next(it, None)
+        more = torch.tensor(float(batch is not None), device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        if batch is not None:
+            spare = (batch[0], batch[1], torch.zeros(batch[1].shape, dtype=torch.bool, device=batch[1].device))
+        yield batch if batch is not None else spare
 
 
 def broadcast(obj: Any) -> Any:

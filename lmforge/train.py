@@ -111,9 +111,9 @@ def _accum_steps(recipe: Recipe, world: int) -> int:
 def _prepare_run_dir(run_dir: Path, resume: bool, fresh: bool) -> None:
     ckpts = run_dir / "checkpoints"
     if fresh and not resume:
-        for name in ("checkpoints", "tb", "plots", "eval", "profile"):
+        for name in ("checkpoints", "tb", "plots", "eval", "profile", "wandb"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "samples.txt"):
+        for name in ("metrics.jsonl", "samples.txt", "wandb_id"):
             (run_dir / name).unlink(missing_ok=True)
     elif not resume and ckpts.is_dir() and any(ckpts.iterdir()):
         raise ConfigError(
@@ -153,6 +153,10 @@ def setup(recipe: Recipe, *, resume: bool = False, fresh: bool = False, log: Cal
         raise ConfigError(
             f"model.vocab_size ({recipe.model.vocab_size}) is smaller than the tokenizer's {tokenizer.vocab_size}"
         )
+    if recipe.train.wandb and dist.is_main:
+        from lmforge.metrics import require_wandb
+
+        require_wandb()
     run_dir = Path(recipe.train.run_dir)
     lock = RunLock(run_dir).acquire() if dist.is_main else None
     try:
@@ -309,6 +313,8 @@ def reduce_eval(res: dict[str, float], dist: Dist, device: torch.device) -> dict
 
 
 def _save(tr: Trainer, is_best: bool) -> Path | None:
+    from torch.distributed.checkpoint import CheckpointException
+
     state = _state(tr)  # collective under DDP: every rank takes part
     if not (tr.dist.is_main or tr.sharded):
         return None
@@ -318,9 +324,10 @@ def _save(tr: Trainer, is_best: bool) -> Path | None:
             tr.run_dir / "checkpoints", tr.step, tr.raw, state, optimizer=tr.optimizer,
             tokenizer_dir=Path(tr.recipe.tokenizer.dir), is_best=is_best, keep=tr.recipe.train.keep_checkpoints,
         )
-    except OSError as err:
+    except (OSError, CheckpointException) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
         raise TrainingError(f"could not write the checkpoint for step {tr.step} in {tr.run_dir / 'checkpoints'}: "
-                            f"{err.strerror or err}; the previous checkpoint is intact") from None
+                            f"{reason}; the previous checkpoint is intact") from None
     tr.log(f"checkpoint: {path}")
     return path
 
@@ -357,8 +364,8 @@ def _after_validation(tr: Trainer, metrics) -> bool:
 
 
 def unsharded(tr: Trainer) -> torch.nn.Module | None:
-    """The module to sample from and to score on one rank: rank 0's `raw` (None elsewhere), or under
-    FSDP a full copy gathered onto rank 0 (a collective: every rank calls it)."""
+    """The module to sample from on rank 0: `raw` (None on other ranks), or under FSDP a full copy
+    gathered onto rank 0 (a collective: every rank calls it)."""
     if tr.sharded:
         from lmforge.sharded import gather_full_model
 
@@ -366,18 +373,18 @@ def unsharded(tr: Trainer) -> torch.nn.Module | None:
     return tr.raw if tr.dist.is_main else None
 
 
-def _token_weights(tr: Trainer, batches: list[tuple]) -> torch.Tensor:
+def _token_weights(tr: Trainer, batches: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each micro-batch's share of the step's gradient: its target tokens over all ranks' targets.
 
     A micro-batch loss is a mean over its own targets, so weighting by target counts (rather than
     1/accum) makes the step's loss the mean over every target token of the global batch, however the
     masks (SFT) or padding spread them. DDP and FSDP average gradients over ranks, hence `* world`.
-    With no target at all the weights are 0 and the loss NaN, which the step then reports."""
+    Returns (weights, the global batch's target count)."""
     counts = torch.stack([(b[1] != -1).sum() for b in batches]).double()  # on the device: no sync here
     total = counts.sum()
     if tr.dist.enabled:
         torch.distributed.all_reduce(total)
-    return (counts * tr.dist.world_size / total.clamp_min(1)).float()
+    return (counts * tr.dist.world_size / total.clamp_min(1)).float(), total
 
 
 def _sync_grads(tr: Trainer, last: bool):
@@ -396,7 +403,7 @@ def _train_step(tr: Trainer, it) -> tuple[torch.Tensor, torch.Tensor]:
 
     # (x, y) or, from loaders with more to say (SFT), (x, y, extras...); all of the step's first, for the weights
     batches = [next(it) for _ in range(tr.accum)]
-    weights = _token_weights(tr, batches)
+    weights, targets = _token_weights(tr, batches)
     loss_mean = torch.zeros((), device=tr.device)  # over the global batch's targets once the ranks' shares add up
     for micro, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
         with _sync_grads(tr, micro == tr.accum - 1):
@@ -404,9 +411,11 @@ def _train_step(tr: Trainer, it) -> tuple[torch.Tensor, torch.Tensor]:
                 loss = tr.loss_fn(tr.model, *batch)
             with nvtx_range("backward", tr.device):
                 (loss * weight).backward()
-        loss_mean += loss.detach() * (weight / tr.dist.world_size)
+        # a micro-batch without targets has a NaN mean, weight 0 and zero gradients: it adds nothing
+        loss_mean += torch.where(weight > 0, loss.detach(), 0.0) * (weight / tr.dist.world_size)
     if tr.dist.enabled:
         torch.distributed.all_reduce(loss_mean)
+    loss_mean = torch.where(targets > 0, loss_mean, torch.nan)  # no target in the whole step: undefined
     clip = tr.recipe.train.grad_clip or float("inf")
     gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(tr.raw.parameters(), clip))
     if not (torch.isfinite(gnorm) and torch.isfinite(loss_mean)):

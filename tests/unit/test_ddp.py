@@ -104,3 +104,23 @@ def test_fsdp_shards_parameters_and_matches_one_process():
         assert out[0]["local"][k] < v.numel() or v.numel() == 1, k
         assert torch.equal(out[0]["params"][k], out[1]["params"][k]), k
         torch.testing.assert_close(out[0]["params"][k], v, atol=1e-6, rtol=1e-5)
+
+
+def _lockstep_worker(rank: int, port: int, out: dict) -> None:
+    from lmforge.sharded import in_lockstep
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    mine = [(torch.full((2, 8), 10 * rank + i), torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.bool))
+            for i in range(3 if rank == 0 else 1)]
+    got = list(in_lockstep(mine, 8, torch.device("cpu")))
+    out[rank] = [(int(x[0, 0]), bool(m.any())) for x, _, m in got]
+    dist.destroy_process_group()
+
+
+def test_in_lockstep_pads_the_shorter_rank_with_batches_that_score_nothing():
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_lockstep_worker, args=(_free_port(), out), nprocs=2, join=True)
+    assert out[0] == [(0, True), (1, True), (2, True)]
+    assert out[1] == [(10, True), (10, False), (10, False)]  # as many forwards as rank 0, none counted

@@ -231,3 +231,35 @@ def test_accumulation_weights_micro_batches_by_their_target_tokens(tiny_recipe):
             torch.testing.assert_close(start[name] - after[name], grad, atol=1e-6, rtol=1e-4)
     finally:
         tr.close()
+
+
+def test_resume_accepts_checkpoints_from_before_train_parallel(tiny_recipe):
+    from lmforge.resume import check_resume_config
+
+    recipe = tiny_recipe.model_dump(mode="json")
+    old_train = {k: v for k, v in recipe["train"].items() if k != "parallel"}
+    state = {"model_config": recipe["model"], "tokenizer_fingerprint": "f", "recipe": {"train": old_train},
+             "world_size": 1}
+    new = {"model": recipe["model"], "tokenizer_fingerprint": "f", "train": recipe["train"], "world_size": 1}
+    assert check_resume_config(state, new) == []  # an old run was data parallel: nothing changed
+    new["train"] = {**recipe["train"], "parallel": "fsdp"}
+    with pytest.raises(ConfigError, match="train.parallel: 'ddp' -> 'fsdp'"):
+        check_resume_config(state, new)
+
+
+def test_a_micro_batch_without_targets_adds_nothing(tiny_recipe):
+    from lmforge.train import _train_step
+
+    recipe = make(tiny_recipe, micro_batch_size=2, batch_size_tokens=2 * 2 * 64)
+    tr = setup(recipe, log=quiet)
+    try:
+        g = torch.Generator().manual_seed(4)
+        x = torch.randint(0, recipe.model.vocab_size, (2, 2, 64), generator=g)
+        y = x.roll(-1, dims=-1)
+        y[1] = -1  # the second micro-batch is all padding (as SFT's last batch may be)
+        loss, gnorm = _train_step(tr, iter([(x[0], y[0]), (x[1], y[1])]))
+        assert math.isfinite(loss.item()) and math.isfinite(gnorm.item())
+        with pytest.raises(TrainingError, match="non-finite loss"):  # no target in the whole step: an error
+            _train_step(tr, iter([(x[1], y[1]), (x[1], y[1])]))
+    finally:
+        tr.close()
