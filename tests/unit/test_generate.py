@@ -281,3 +281,26 @@ def test_compiled_engine_matches_eager(tok):
     eager = generate_batch(model, tok, ids, GREEDY)
     compiled = generate_batch(model, tok, ids, GREEDY, compile=True)
     assert [c.token_ids for c in compiled] == [e.token_ids for e in eager]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_decode_step_times_both_layouts_then_keeps_one_and_both_match_the_model(arch):
+    from lmforge.decode_step import TRIALS, DecodeStep
+    from lmforge.kv_cache import KVCache
+
+    model = tiny_model(arch)
+    step = DecodeStep(model)
+    assert step.transpose  # fp32 on the CPU: the transposed copies are candidates
+    B, ctx = 3, 5
+    x = torch.randint(0, 512, (B, ctx + 2 * TRIALS + 2))
+    cache = KVCache(model.cfg, B, x.shape[1], torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        model(x[:, :ctx], kv_cache=cache)
+        full = model(x)  # (B, T, vocab): what every decode step must reproduce
+        for t in range(ctx, x.shape[1]):
+            if t == ctx + 2 * TRIALS:  # every layer has now timed each layout TRIALS times
+                tuned = {m for m, wt in step._wt.items() if wt is not None}
+                assert {m for m, _ in step._use_wt} == tuned and all(b == B for _, b in step._use_wt)
+                step._use_wt = {k: not v for k, v in step._use_wt.items()}  # the other choice is exact too
+            out = step(x[:, t], [t] * B, cache)
+            torch.testing.assert_close(out, full[:, t], atol=1e-4, rtol=1e-4)
