@@ -81,3 +81,15 @@ def test_failed_save_keeps_previous(tmp_path, monkeypatch):
     assert [p.name for p in list_steps(root)] == ["step_000001"]
     assert os.readlink(root / "latest") == "step_000001"
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_saved_keys_are_clean_whatever_the_wrapping(tmp_path):
+    from safetensors.torch import load_file
+
+    from lmforge.runtime import prepare_model
+
+    plain = set(model().state_dict()) - {"lm_head.weight"}
+    wrapped, raw = prepare_model(model(), torch.device("cpu"), compile=True)
+    assert any(k.startswith("_orig_mod.") for k in wrapped.state_dict())  # what saving `wrapped` would give
+    path = save_checkpoint(tmp_path, 1, raw, {})
+    assert set(load_file(str(path / "model.safetensors"))) == plain
