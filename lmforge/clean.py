@@ -113,8 +113,8 @@ def alpha_fraction(text: str) -> float:
     spaces = len(raw) - len(raw.translate(None, _SPACE_BYTES))
     letters = len(raw) - len(raw.translate(None, _ASCII_LETTERS))
     visible = len(text) - spaces
-    other = _unusual(text)
-    if other:  # only the few non-ASCII characters are looked at one by one
+    if not raw.isascii():  # only the few non-ASCII characters are looked at one by one
+        other = raw.translate(None, _PLAIN_ASCII).decode("utf-8", "surrogatepass")
         letters += sum(map(str.isalpha, other))
         visible -= sum(map(str.isspace, other))
     return letters / visible if visible > 0 else 1.0
