@@ -21,6 +21,8 @@ from lmforge.fsutil import atomic_dir, atomic_write_json, read_json, sha256_file
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "lmforge_tokenizer.json")
+DCP_DIR = "dcp"
+"""A sharded (FSDP) checkpoint's weights and optimizer state: `torch.distributed.checkpoint` files."""
 
 
 def step_dir_name(step: int) -> str:
@@ -134,9 +136,11 @@ def prune(ckpt_root: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def is_checkpoint_dir(path: Path) -> bool:
-    from lmforge.sharded import has_dcp
+def has_dcp(ckpt: Path) -> bool:
+    return (Path(ckpt) / DCP_DIR / ".metadata").is_file()
 
+
+def is_checkpoint_dir(path: Path) -> bool:
     return (path / "state.json").is_file() and ((path / "model.safetensors").is_file() or has_dcp(path))
 
 
@@ -181,9 +185,9 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Into an unsharded model, from model.safetensors or from a sharded (FSDP) checkpoint's dcp/."""
-    from lmforge.sharded import has_dcp, load_full_model
-
     if not (Path(ckpt) / "model.safetensors").is_file() and has_dcp(ckpt):
+        from lmforge.sharded import load_full_model  # torch.distributed.checkpoint takes a second to import
+
         load_full_model(model, ckpt)
         return
     try:

@@ -24,9 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from lmforge.checkpoint import DCP_DIR
 from lmforge.errors import CheckpointError
-
-DCP_DIR = "dcp"
 
 
 def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -58,10 +57,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def has_dcp(ckpt: Path) -> bool:
-    return (Path(ckpt) / DCP_DIR / ".metadata").is_file()
-
-
 def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Every rank writes its shards of the model and the optimizer into `folder/dcp` (a collective).
     Returns the files the checkpoint's metadata names, relative to `folder`."""
@@ -72,7 +67,7 @@ def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
 
 
 def load_sharded(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Each rank reads its own shards back (a collective); the world size may differ from the save's."""
+    """Each rank reads its own shards back (a collective)."""
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR))

@@ -313,8 +313,11 @@ def reduce_eval(res: dict[str, float], dist: Dist, device: torch.device) -> dict
 
 
 def _save(tr: Trainer, is_best: bool) -> Path | None:
-    from torch.distributed.checkpoint import CheckpointException
+    failures: tuple[type[Exception], ...] = (OSError,)
+    if tr.sharded:  # only then: torch.distributed.checkpoint takes a second to import
+        from torch.distributed.checkpoint import CheckpointException
 
+        failures = (OSError, CheckpointException)
     state = _state(tr)  # collective under DDP: every rank takes part
     if not (tr.dist.is_main or tr.sharded):
         return None
@@ -324,7 +327,7 @@ def _save(tr: Trainer, is_best: bool) -> Path | None:
             tr.run_dir / "checkpoints", tr.step, tr.raw, state, optimizer=tr.optimizer,
             tokenizer_dir=Path(tr.recipe.tokenizer.dir), is_best=is_best, keep=tr.recipe.train.keep_checkpoints,
         )
-    except (OSError, CheckpointException) as err:
+    except failures as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
         raise TrainingError(f"could not write the checkpoint for step {tr.step} in {tr.run_dir / 'checkpoints'}: "
                             f"{reason}; the previous checkpoint is intact") from None
@@ -399,8 +402,6 @@ def _sync_grads(tr: Trainer, last: bool):
 
 def _train_step(tr: Trainer, it) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the micro-batches, clip, optimizer step. Returns (mean loss, grad norm)."""
-    from lmforge.sharded import full_tensor
-
     # (x, y) or, from loaders with more to say (SFT), (x, y, extras...); all of the step's first, for the weights
     batches = [next(it) for _ in range(tr.accum)]
     weights, targets = _token_weights(tr, batches)
@@ -417,7 +418,9 @@ def _train_step(tr: Trainer, it) -> tuple[torch.Tensor, torch.Tensor]:
         torch.distributed.all_reduce(loss_mean)
     loss_mean = torch.where(targets > 0, loss_mean, torch.nan)  # no target in the whole step: undefined
     clip = tr.recipe.train.grad_clip or float("inf")
-    gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(tr.raw.parameters(), clip))
+    gnorm = torch.nn.utils.clip_grad_norm_(tr.raw.parameters(), clip)
+    if tr.sharded:  # a DTensor: its value is the same on every rank
+        gnorm = gnorm.full_tensor()
     if not (torch.isfinite(gnorm) and torch.isfinite(loss_mean)):
         tr.optimizer.zero_grad(set_to_none=True)
         raise TrainingError(
