@@ -262,11 +262,17 @@ def denoise(model: nn.Module, prompt_ids: Sequence[int], n_new: int, *, mask_id:
         done += new.tolist()
 
 
-def _render(tokenizer: Any, ids: list[int], mask_id: int, stop: Sequence[str]) -> str:
-    """Canvas ids → text: cut at the first end-of-text token and stop string, masks shown as a glyph."""
-    eos = getattr(tokenizer, "eos_id", None)
-    if eos is not None and eos in ids:
-        ids = ids[:ids.index(eos)]
+def _render(tokenizer: Any, ids: list[int], mask_id: int, stop: Sequence[str],
+            stop_ids: Iterable[int] | None = None) -> str:
+    """Canvas ids → text: cut at the first stop token (default `<|eos|>`) and stop string, masks shown
+    as a glyph."""
+    if stop_ids is None:
+        eos = getattr(tokenizer, "eos_id", None)
+        stop_ids = () if eos is None else (eos,)
+    stops = set(stop_ids)
+    end = next((i for i, t in enumerate(ids) if t in stops), None)
+    if end is not None:
+        ids = ids[:end]
     parts, run = [], []
     for i in [*ids, None]:
         if i is None or i == mask_id:
@@ -357,7 +363,8 @@ def diffusion_progress(model: nn.Module, tokenizer: Any, prompt: str | list[int]
     for canvas in denoise(model, ids, max_new_tokens, mask_id=mask_id, steps=steps, temperature=temperature,
                           top_k=top_k, top_p=top_p, remasking=remasking, gen=gen):
         settled.update(canvas)
-        yield (settled.text if settled.finish_reason else _render(tokenizer, canvas, mask_id, stop)), settled
+        shown = settled.text if settled.finish_reason else _render(tokenizer, canvas, mask_id, stop, settled.stop_ids)
+        yield shown, settled
 
 
 def diffusion_stream(model: nn.Module, tokenizer: Any, prompt: str | list[int], **kw: Any) -> Iterator[str]:

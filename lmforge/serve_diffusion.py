@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from lmforge.diffusion import SettledText, diffusion_progress
+from lmforge.diffusion import SettledText, diffusion_progress, mask_id_of
 from lmforge.engine import Event
 from lmforge.sampling import SamplingParams
 from lmforge.serve import Failure, Handle, deliver
@@ -76,6 +76,7 @@ class DiffusionRunner:
     def __init__(self, model: nn.Module, tokenizer: Any, max_queue: int, steps: int,
                  step_delay_s: float = 0.0) -> None:
         self.model, self.tokenizer = model, tokenizer
+        mask_id_of(tokenizer)  # a tokenizer without <|mask|> fails at start-up, not in every request
         self.max_queue, self.steps, self.step_delay_s = max_queue, steps, step_delay_s
         self.waiting: deque[DiffusionRow] = deque()
         self.running: DiffusionRow | None = None
@@ -114,8 +115,16 @@ class DiffusionRunner:
         return handle
 
     def cancel(self, handle: Handle) -> None:
-        for row in handle.rows:
-            row.cancelled = True  # a waiting row is dropped when its turn comes, a running one at its next step
+        """A waiting row leaves the queue now (its place is free at once); a running one stops at its next step."""
+        with self._lock:
+            for row in handle.rows:
+                row.cancelled = True
+            queued = len(self.waiting)
+            self.waiting = deque(r for r in self.waiting if r.user is not handle)
+            for row in handle.rows:
+                if row is not self.running and row.finish_reason is None:
+                    row.finish_reason = "cancelled"
+            self.n_cancelled += queued - len(self.waiting)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -129,7 +138,10 @@ class DiffusionRunner:
             except Exception as err:  # a failed request must not leave its client waiting forever
                 log.exception("diffusion sampling failed")
                 row.error, row.finish_reason = f"generation failed: {err}", "error"
-                _send(row, Failure(row, row.error))
+                try:
+                    _send(row, Failure(row, row.error))
+                except Exception:  # e.g. the client's event loop is closed: the runner must live on
+                    log.exception("could not report the failure")
             finally:
                 self.running = None
 
@@ -150,7 +162,7 @@ class DiffusionRunner:
                 self.model, self.tokenizer, row.prompt_ids, max_new_tokens=p.max_new_tokens, steps=row.steps,
                 temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed, stop=p.stop,
                 stop_ids=row.stop_ids):
-            if row.cancelled:
+            if row.cancelled or self._stopping:
                 row.finish_reason = "cancelled"
                 self.n_cancelled += 1
                 return

@@ -63,6 +63,16 @@ def test_eos_and_stop_strings_end_the_text(tok):
     assert ignored.update([a, tok.eos_id, b]) == "a<|eos|>b" and ignored.finish_reason == "length"
 
 
+def test_the_unfinished_canvas_ends_at_the_rows_own_stop_tokens(tok):
+    from lmforge.diffusion import MASK_GLYPH, _render
+
+    m = mask_id_of(tok)
+    a, b, c = ids_of(tok, "abc")
+    assert _render(tok, [a, m, tok.eos_id, c], m, ()) == "a" + MASK_GLYPH
+    assert _render(tok, [a, m, b, c], m, (), stop_ids={b}) == "a" + MASK_GLYPH  # e.g. a chat end-of-turn
+    assert _render(tok, [a, tok.eos_id, b], m, (), stop_ids=()) == "a<|eos|>b"
+
+
 def test_a_character_split_between_tokens_waits_for_its_last_byte(tok):
     m = mask_id_of(tok)
     first, second = ids_of(tok, "é")
@@ -188,10 +198,13 @@ def test_a_full_queue_is_429_and_cancelled_requests_stop(model, tok):
         with pytest.raises(ApiError) as err:
             runner.submit([job])
         assert err.value.status == 429 and err.value.code == "queue_full"
+        runner.cancel(second)  # a cancelled waiting request frees its place at once
+        assert runner.counts()["waiting"] == 0 and second.rows[0].finish_reason == "cancelled"
+        third = runner.submit([job])
         runner.cancel(first)
-        runner.cancel(second)
-        await until(lambda: runner.counts() == {"running": 0, "waiting": 0, "finished": 0, "cancelled": 2})
-        assert [r.finish_reason for r in first.rows + second.rows] == ["cancelled", "cancelled"]
+        runner.cancel(third)
+        await until(lambda: runner.counts() == {"running": 0, "waiting": 0, "finished": 0, "cancelled": 3})
+        assert [r.finish_reason for r in first.rows + second.rows + third.rows] == ["cancelled"] * 3
 
     runner.start()
     try:
