@@ -76,14 +76,15 @@ class Handle:
     rows: list[Row] = field(default_factory=list)
 
 
-class Runner:
-    """Owns the engine and the thread that steps it whenever some request is waiting or running."""
+class ModelThread:
+    """The one thread that runs the model (it is not thread-safe), woken when requests arrive; the
+    queue limit that answers 429. Subclasses define `_loop`."""
 
-    def __init__(self, engine: Engine, max_queue: int, step_delay_s: float = 0.0) -> None:
-        self.engine, self.max_queue, self.step_delay_s = engine, max_queue, step_delay_s
+    def __init__(self, name: str, max_queue: int, step_delay_s: float = 0.0) -> None:
+        self.max_queue, self.step_delay_s = max_queue, step_delay_s
         self._wake = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -93,6 +94,22 @@ class Runner:
         self._wake.set()
         self._thread.join(timeout=10)
 
+    def _check_room(self, waiting: int, more: int) -> None:
+        if waiting + more > self.max_queue:
+            raise ApiError(429, "the server is busy: too many requests waiting; retry shortly",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Runner(ModelThread):
+    """Owns the engine and the thread that steps it whenever some request is waiting or running."""
+
+    def __init__(self, engine: Engine, max_queue: int, step_delay_s: float = 0.0) -> None:
+        super().__init__("lmforge-engine", max_queue, step_delay_s)
+        self.engine = engine
+
     def counts(self) -> dict[str, int]:
         e = self.engine
         return {"running": len(e.active), "waiting": len(e.waiting), "finished": e.n_finished,
@@ -101,9 +118,7 @@ class Runner:
     def submit(self, jobs: list[tuple[list[int], SamplingParams, frozenset[int] | None]],
                stream: bool = False, steps: int | None = None) -> Handle:
         """Queue one row per job. `steps` is for diffusion runners; next-token decoding has none."""
-        if len(self.engine.waiting) + len(jobs) > self.max_queue:
-            raise ApiError(429, "the server is busy: too many requests waiting; retry shortly",
-                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        self._check_room(len(self.engine.waiting), len(jobs))
         handle = Handle(asyncio.get_running_loop(), stream)
         for ids, params, stop_ids in jobs:
             handle.rows.append(self.engine.submit(ids, params, stop_ids=stop_ids, user=handle))

@@ -30,7 +30,7 @@ from torch import nn
 from lmforge.diffusion import SettledText, diffusion_progress, mask_id_of
 from lmforge.engine import Event
 from lmforge.sampling import SamplingParams
-from lmforge.serve import Failure, Handle, deliver
+from lmforge.serve import Failure, Handle, ModelThread, deliver
 from lmforge.serve_api import ApiError
 
 log = logging.getLogger("lmforge.serve")
@@ -70,29 +70,18 @@ def check_params(params: SamplingParams) -> None:
             raise ApiError(400, f"{name} is not supported for diffusion models", param=name)
 
 
-class DiffusionRunner:
+class DiffusionRunner(ModelThread):
     """Owns the model and the thread that denoises the waiting requests, one at a time."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_queue: int, steps: int,
                  step_delay_s: float = 0.0) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        super().__init__("lmforge-diffusion", max_queue, step_delay_s)
+        self.model, self.tokenizer, self.steps = model, tokenizer, steps
         mask_id_of(tokenizer)  # a tokenizer without <|mask|> fails at start-up, not in every request
-        self.max_queue, self.steps, self.step_delay_s = max_queue, steps, step_delay_s
         self.waiting: deque[DiffusionRow] = deque()
         self.running: DiffusionRow | None = None
         self.n_finished = self.n_cancelled = 0
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="lmforge-diffusion", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout=10)
 
     def counts(self) -> dict[str, int]:
         return {"running": int(self.running is not None), "waiting": len(self.waiting),
@@ -105,9 +94,7 @@ class DiffusionRunner:
             check_params(params)
         handle = Handle(asyncio.get_running_loop(), stream)
         with self._lock:
-            if len(self.waiting) + len(jobs) > self.max_queue:
-                raise ApiError(429, "the server is busy: too many requests waiting; retry shortly",
-                               type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            self._check_room(len(self.waiting), len(jobs))
             for ids, params, stop_ids in jobs:
                 handle.rows.append(DiffusionRow(ids, params, stop_ids, steps or self.steps, handle))
             self.waiting.extend(handle.rows)
