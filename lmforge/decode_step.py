@@ -6,15 +6,17 @@ fp32, with the wide weights (qkv, MLP up, output layer) also kept transposed: fo
 decode step, (B, in) @ (in, out) can run 2-3x faster than the (out, in) layout `nn.Linear` keeps
 (output layer at B=1, 4096-column blocks: 1.9 -> 1.0 ms on one machine, 4.3 -> 1.6 ms on another),
 but which layout wins at larger B depends on the machine (4.9 -> 3.4 ms at B=8 on the first,
-8.9 -> 11.3 ms on the second). So each layer times both layouts inside the first decode steps of
-each batch size and keeps the faster. The copies cost memory (about 80% of the weights for small
-models). Tests compare the engine's output with the model's own forward pass, so the two cannot
-drift apart.
+8.9 -> 11.3 ms on the second, where nn.Linear over 2048-row blocks took 7.7 ms). So each wide
+layer times these ways inside the first decode steps of each batch size and keeps the fastest.
+The copies cost memory (about 80% of the weights for small models). Tests compare the engine's
+output with the model's own forward pass, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ from torch import nn
 from lmforge.kv_cache import KVCache
 
 COLUMN_BLOCK = 4096
+ROW_BLOCK = 2048
 TRIALS = 3
 """Timed calls of each layout per (layer, batch size) before the faster one is kept."""
 
@@ -45,44 +48,45 @@ class DecodeStep:
             self.sin_signed = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], -1)
         p = model.tok_emb.weight
         self.transpose = p.device.type == "cpu" and p.dtype == torch.float32
-        self._wt: dict[nn.Module, torch.Tensor | None] = {}
+        self._ways: dict[nn.Module, list[Callable[[torch.Tensor], torch.Tensor]] | None] = {}
         self._times: dict[tuple[nn.Module, int], list[list[float]]] = {}
-        self._use_wt: dict[tuple[nn.Module, int], bool] = {}
+        self._choice: dict[tuple[nn.Module, int], int] = {}
 
-    def _transposed(self, mod: nn.Module) -> list[torch.Tensor] | None:
-        """The (in, out) copy of a linear layer's weight, in column blocks, made on first use; None
-        where it does not pay (out < in) or cannot be made (quantized layers)."""
-        wt = self._wt.get(mod, False)
-        if wt is False:
+    def _ways_of(self, mod: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
+        """The ways to compute a linear layer, made on first use: as it is, from an (in, out) copy in
+        column blocks, and (for very wide layers) in row blocks. None where only the first applies
+        (out < in, quantized layers)."""
+        ways = self._ways.get(mod, False)
+        if ways is False:
             w = getattr(mod, "weight", None)
-            ok = isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.shape[0] >= w.shape[1]
-            # blocks of 4096 outputs: small-batch matmuls against a very wide weight run faster in pieces
-            wt = [c.t().contiguous() for c in w.detach().split(COLUMN_BLOCK)] if ok else None
-            self._wt[mod] = wt
-        return wt
+            ways = None
+            if isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.shape[0] >= w.shape[1]:
+                w = w.detach()
+                ways = [mod, functools.partial(_columns, [c.t().contiguous() for c in w.split(COLUMN_BLOCK)],
+                                               mod.bias)]
+                if w.shape[0] >= 2 * ROW_BLOCK:  # views, no copy
+                    bias = mod.bias.split(ROW_BLOCK) if mod.bias is not None else [None] * len(w.split(ROW_BLOCK))
+                    ways.append(functools.partial(_rows, list(zip(w.split(ROW_BLOCK), bias, strict=True))))
+            self._ways[mod] = ways
+        return ways
 
     def _linear(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        wt = self._transposed(mod) if self.transpose else None
-        if wt is None:
+        ways = self._ways_of(mod) if self.transpose else None
+        if ways is None:
             return mod(x)
         key = (mod, x.shape[0])
-        use_wt = self._use_wt.get(key)
-        if use_wt is not None:
-            return self._with(mod, wt, x) if use_wt else mod(x)
-        # still choosing: alternate the layouts, timing each in the real decode loop (warm or cold caches alike)
-        times = self._times.setdefault(key, [[], []])
-        variant = len(times[0]) > len(times[1])
+        choice = self._choice.get(key)
+        if choice is not None:
+            return ways[choice](x)
+        # still choosing: take the ways in turn, timing each in the real decode loop (warm or cold caches alike)
+        times = self._times.setdefault(key, [[] for _ in ways])
+        way = min(range(len(ways)), key=lambda k: len(times[k]))
         t0 = time.perf_counter()
-        y = self._with(mod, wt, x) if variant else mod(x)
-        times[variant].append(time.perf_counter() - t0)
-        if len(times[1]) == TRIALS:
-            self._use_wt[key] = sorted(times[1])[TRIALS // 2] < sorted(times[0])[TRIALS // 2]
+        y = ways[way](x)
+        times[way].append(time.perf_counter() - t0)
+        if len(times[-1]) == TRIALS:
+            self._choice[key] = min(range(len(ways)), key=lambda k: sorted(times[k])[TRIALS // 2])
         return y
-
-    @staticmethod
-    def _with(mod: nn.Module, wt: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        y = x @ wt[0] if len(wt) == 1 else torch.cat([x @ w for w in wt], dim=-1)
-        return y if mod.bias is None else y + mod.bias
 
     def __call__(self, tokens: torch.Tensor, positions: list[int], cache: KVCache) -> torch.Tensor:
         """tokens (B,) at `positions` (one per row, rows [0, B) of the cache) → logits (B, vocab)."""
@@ -126,3 +130,14 @@ class DecodeStep:
         else:
             h = F.gelu(h, approximate="tanh")
         return self._linear(mlp.down, h)
+
+
+def _columns(wt: list[torch.Tensor], bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x @ W.T from the (in, out) column blocks of W."""
+    y = x @ wt[0] if len(wt) == 1 else torch.cat([x @ w for w in wt], dim=-1)
+    return y if bias is None else y + bias
+
+
+def _rows(blocks: list[tuple[torch.Tensor, torch.Tensor | None]], x: torch.Tensor) -> torch.Tensor:
+    """x @ W.T from row blocks of W as it is (smaller matmuls that can stay in cache)."""
+    return torch.cat([F.linear(x, w, b) for w, b in blocks], dim=-1)

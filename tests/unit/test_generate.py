@@ -284,23 +284,28 @@ def test_compiled_engine_matches_eager(tok):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_decode_step_times_both_layouts_then_keeps_one_and_both_match_the_model(arch):
-    from lmforge.decode_step import TRIALS, DecodeStep
+def test_decode_step_times_each_way_then_keeps_one_and_every_way_matches_the_model(arch):
+    from lmforge.decode_step import ROW_BLOCK, TRIALS, DecodeStep
     from lmforge.kv_cache import KVCache
 
-    model = tiny_model(arch)
+    torch.manual_seed(0)
+    # a vocabulary of two row blocks: the output layer gets all three ways (as is, columns, rows)
+    model = Transformer(ModelConfig(arch=arch, vocab_size=2 * ROW_BLOCK, n_embd=64, n_layer=2, n_head=4,
+                                    n_kv_head=2, seq_len=64)).eval()
     step = DecodeStep(model)
-    assert step.transpose  # fp32 on the CPU: the transposed copies are candidates
+    assert step.transpose  # fp32 on the CPU: the other ways are candidates
     B, ctx = 3, 5
-    x = torch.randint(0, 512, (B, ctx + 2 * TRIALS + 2))
+    x = torch.randint(0, 2 * ROW_BLOCK, (B, ctx + 3 * TRIALS + 3))
     cache = KVCache(model.cfg, B, x.shape[1], torch.device("cpu"), torch.float32)
     with torch.no_grad():
         model(x[:, :ctx], kv_cache=cache)
         full = model(x)  # (B, T, vocab): what every decode step must reproduce
         for t in range(ctx, x.shape[1]):
-            if t == ctx + 2 * TRIALS:  # every layer has now timed each layout TRIALS times
-                tuned = {m for m, wt in step._wt.items() if wt is not None}
-                assert {m for m, _ in step._use_wt} == tuned and all(b == B for _, b in step._use_wt)
-                step._use_wt = {k: not v for k, v in step._use_wt.items()}  # the other choice is exact too
+            if t == ctx + 3 * TRIALS:  # every layer has now timed each of its ways TRIALS times
+                tuned = {m for m, ways in step._ways.items() if ways is not None}
+                assert {m for m, _ in step._choice} == tuned and all(b == B for _, b in step._choice)
+                assert len(step._ways[model.lm_head]) == 3
+            if t >= ctx + 3 * TRIALS:  # and then each way in turn, for every layer: all exact
+                step._choice = {k: (t - ctx) % len(step._ways[k[0]]) for k in step._choice}
             out = step(x[:, t], [t] * B, cache)
             torch.testing.assert_close(out, full[:, t], atol=1e-4, rtol=1e-4)
