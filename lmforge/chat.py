@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -247,7 +248,15 @@ class CanvasView:
         self.out.write(f"\r{up}\x1b[J{text}")
         self.out.flush()
         width = max(1, shutil.get_terminal_size().columns)
-        self.rows = sum(max(1, -(-len(line) // width)) for line in text.split("\n")) - 1
+        self.rows = sum(max(1, -(-columns(line) // width)) for line in text.split("\n")) - 1
+
+
+def columns(line: str) -> int:
+    """Terminal columns of a line: wide (CJK, most emoji) characters take two, combining marks none."""
+    if line.isascii():
+        return len(line)
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+               for c in line)
 
 
 def _prompt(s: Session, prompt: str, params: SamplingParams):

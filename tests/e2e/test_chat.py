@@ -224,3 +224,19 @@ def test_a_diffusion_answer_is_redrawn_on_a_terminal_and_printed_once_elsewhere(
     assert ask(s, "ab", p, out=tty, steps=6).text == answer.text
     frames = tty.getvalue().split("\x1b[J")[1:]  # each drawing starts by clearing the last one
     assert len(frames) > 1 and MASK_GLYPH in frames[0] and frames[-1] == answer.text
+
+
+def test_canvas_rows_count_screen_columns(monkeypatch):
+    import shutil
+
+    from lmforge.chat import CanvasView, columns
+
+    assert columns("abc") == 3 and columns("日本") == 4 and columns("e\u0301") == 1  # wide; combining accent
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a, **k: os.terminal_size((10, 24)))
+    out = io.StringIO()
+    view = CanvasView(out)
+    view.show("日本語の文章です")  # 8 wide characters: 16 columns, two rows on a 10-column screen
+    assert view.rows == 1
+    view.show("short")
+    assert "\x1b[1A" in out.getvalue().rsplit("\r", 1)[-1]  # back up over both rows before redrawing
+    assert view.rows == 0
