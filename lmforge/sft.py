@@ -160,20 +160,17 @@ def extend_embeddings(weights: dict[str, torch.Tensor], old_tokens: int, new_tok
 
 
 def base_weights(base: Base) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if base.hf:
         from lmforge.models.hf import load_hf_dir
 
         return load_hf_dir(base.path)[1]
-    if not (base.path / "model.safetensors").is_file():  # a sharded (FSDP) checkpoint: gather it here
-        from lmforge.checkpoint import load_model_weights, model_state
-        from lmforge.models.transformer import Transformer
+    from lmforge.checkpoint import load_model_weights, model_state
+    from lmforge.models.transformer import Transformer
 
-        model = Transformer(ModelConfig.model_validate(base.model))
-        load_model_weights(model, base.path)
-        return model_state(model)
-    return load_file(str(base.path / "model.safetensors"))
+    # through the model, so that every checkpoint layout (safetensors, sharded dcp/) reads the same way
+    model = Transformer(ModelConfig.model_validate(base.model))
+    load_model_weights(model, base.path)
+    return model_state(model)
 
 
 def write_start_checkpoint(folder: Path, weights: dict[str, torch.Tensor], cfg: ModelConfig, tok: Tokenizer,

@@ -46,17 +46,6 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's whole value (a collective); a plain tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Every rank writes its shards of the model and the optimizer into `folder/dcp` (a collective).
     Returns the files the checkpoint's metadata names, relative to `folder`."""
@@ -107,8 +96,7 @@ def in_lockstep(batches: Iterable[tuple], seq_len: int, device: torch.device) ->
     until every rank is done. Ranks may hold different numbers of batches, but each forward of a
     sharded model is a collective (the all-gathers), so all ranks must run as many."""
     it = iter(batches)
-    blank = torch.zeros(1, seq_len, dtype=torch.long, device=device)
-    spare = (blank, blank, torch.zeros(blank.shape, dtype=torch.bool, device=device))
+    last = None
     while True:
         batch = next(it, None)
         more = torch.tensor(float(batch is not None), device=device)
@@ -116,8 +104,13 @@ def in_lockstep(batches: Iterable[tuple], seq_len: int, device: torch.device) ->
         if not more.item():
             return
         if batch is not None:
-            spare = (batch[0], batch[1], torch.zeros(batch[1].shape, dtype=torch.bool, device=batch[1].device))
-        yield batch if batch is not None else spare
+            last = batch
+            yield batch
+        else:  # this rank is done: its last batch's shape (or one window) with every target masked out
+            if last is None:
+                blank = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+                last = (blank, blank)
+            yield last[0], last[1], torch.zeros(last[1].shape, dtype=torch.bool, device=last[1].device)
 
 
 def broadcast(obj: Any) -> Any:
