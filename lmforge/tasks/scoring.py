@@ -201,27 +201,37 @@ def _headless(model: nn.Module) -> Iterator[nn.Module | None]:
         model.lm_head = head
 
 
+LOGITS_PER_CHUNK = 1 << 23
+"""The most logits scoring holds at once (32 MB in fp32), whatever the vocabulary."""
+
+
 def _gather_scores(out: torch.Tensor, head: nn.Module | None, pred: list, tgt: list) -> list[list[ChoiceScore]]:
-    """Sum the log-probs of the targets at the predicting positions; one list per row."""
-    B, dev = out.shape[0], out.device
-    flat_pred = [[p for rows in r for p in rows] for r in pred]
-    flat_tgt = [[t for c in r for t in c] for r in tgt]
-    K = max(len(p) for p in flat_pred)
-    pi = torch.zeros(B, K, dtype=torch.long)
-    ti = torch.zeros(B, K, dtype=torch.long)
-    for i in range(B):
-        pi[i, :len(flat_pred[i])] = torch.tensor(flat_pred[i])
-        ti[i, :len(flat_tgt[i])] = torch.tensor(flat_tgt[i])
-    pi, ti = pi.to(dev), ti.to(dev)
-    sel = out[torch.arange(B, device=dev)[:, None], pi]  # (B, K, n_embd or vocab)
-    sel = (head(sel) if head is not None else sel).float()  # (B, K, vocab)
-    lp = torch.log_softmax(sel, dim=-1).gather(-1, ti[..., None])[..., 0].double().cpu().tolist()
-    top = (sel.argmax(-1) == ti).cpu().tolist()
-    scores = []
-    for i in range(B):
-        row, k = [], 0
-        for c in tgt[i]:
-            row.append(ChoiceScore(sum(lp[i][k:k + len(c)]), len(c), all(top[i][k:k + len(c)])))
+    """Sum the log-probs of the targets at the predicting positions; one list per row.
+
+    Only the real (row, position) pairs are scored: padding rows to the longest would waste a third
+    of the output layer's work. Chunks of LOGITS_PER_CHUNK bound the memory a large vocabulary
+    takes. A target counts as the top choice when its logit is the largest (amax is ten times
+    cheaper than argmax on a CPU; the two differ only on exact ties)."""
+    B, T = out.shape[:2]
+    flat = out.reshape(B * T, out.shape[-1])
+    where = torch.tensor([i * T + p for i, r in enumerate(pred) for rows in r for p in rows], device=out.device)
+    want = torch.tensor([t for r in tgt for c in r for t in c], device=out.device)[:, None]
+    lps, tops = [], []
+    vocab = head.out_features if isinstance(head, nn.Linear) else out.shape[-1]
+    chunk = max(128, LOGITS_PER_CHUNK // vocab)
+    for a in range(0, len(where), chunk):
+        sel = flat[where[a:a + chunk]]
+        logits = (head(sel) if head is not None else sel).float()  # (chunk, vocab)
+        t = want[a:a + chunk]
+        lps.append(torch.log_softmax(logits, dim=-1).gather(-1, t)[:, 0])
+        tops.append(logits.gather(-1, t)[:, 0] >= logits.amax(-1))
+    lp = torch.cat(lps).double().cpu().tolist()
+    top = torch.cat(tops).cpu().tolist()
+    scores, k = [], 0
+    for r in tgt:
+        row = []
+        for c in r:
+            row.append(ChoiceScore(sum(lp[k:k + len(c)]), len(c), all(top[k:k + len(c)])))
             k += len(c)
         scores.append(row)
     return scores

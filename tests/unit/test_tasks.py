@@ -13,7 +13,17 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.errors import DataError
 from lmforge.models.transformer import Transformer
-from lmforge.tasks import TaskOptions, check_records, completion, hellaswag, lambada, pick, task_module, tasks_help
+from lmforge.tasks import (
+    TaskOptions,
+    check_records,
+    completion,
+    hellaswag,
+    lambada,
+    pick,
+    scoring,
+    task_module,
+    tasks_help,
+)
 from lmforge.tasks.scoring import ChoiceScore, EvalModel, Group, encode_pair, is_truncated, score_groups
 from lmforge.tokenizer import Tokenizer
 
@@ -53,7 +63,9 @@ def random_groups(n: int, vocab: int = 300, seed: int = 0) -> list[Group]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_packed_scores_equal_plain_forward_passes(arch):
+def test_packed_scores_equal_plain_forward_passes(arch, monkeypatch):
+    if arch == "gpt2":  # the output layer in chunks of 128 positions: the same scores
+        monkeypatch.setattr(scoring, "LOGITS_PER_CHUNK", 1)
     model = tiny_model(arch)
     groups = random_groups(14)
     ref = [[naive(model, g.context, c) for c in g.continuations] for g in groups]
