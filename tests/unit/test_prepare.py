@@ -104,6 +104,22 @@ def test_prepare_outputs(tmp_path: Path, corpus: Path, stories: list[str], small
     assert orjson.loads((tmp_path / "prep" / "stats.json").read_bytes())["docs_in"] == stats["docs_in"]
 
 
+def test_copies_within_a_block_are_dropped_before_encoding(tmp_path: Path, monkeypatch) -> None:
+    import lmforge.prepare as prepare
+
+    a, b = "The first document, long enough to keep.", "The second document, also long enough."
+    path = tmp_path / "dups.jsonl"
+    path.write_bytes(b"".join(orjson.dumps({"text": t, "meta": {"score": 1}}) + b"\n" for t in (a, b, a, a.upper())))
+    encoded = []
+    real = prepare._encode
+    monkeypatch.setattr(prepare, "_encode", lambda tok, text: encoded.append(text) or real(tok, text))
+    r = recipe_for(tmp_path, path)
+    stats = run_prepare(r, ensure_tokenizer(r, log=quiet), log=quiet)
+    assert encoded == [a, b]  # the two copies (one differs only in case) cost no encoding
+    assert stats["duplicates"]["exact"] == 2 and sum(stats["docs_out"].values()) == 2
+    assert sorted(list(iter_prepared(r, "train")) + list(iter_prepared(r, "val"))) == sorted([a, b])
+
+
 def test_parallel_equals_serial(tmp_path: Path, corpus: Path, small_blocks: None) -> None:
     outs = []
     for workers in (1, 2):
