@@ -219,7 +219,9 @@ def build_filters(cfg: Any) -> list[tuple[str, Callable[[str, dict], bool]]]:
 # ---- dedup keys --------------------------------------------------------------------------------
 def dedup_key(text: str) -> int:
     """64-bit key of the (normalized) text with case ignored: exact dedup and the train/val split."""
-    return xxhash.xxh3_64_intdigest(text.casefold().encode("utf-8", "surrogatepass")) or 1  # 0: an empty slot
+    # ASCII text (most of it): lower() is casefold() there, and the str's own bytes are its UTF-8
+    folded = text.lower().encode("ascii") if text.isascii() else text.casefold().encode("utf-8", "surrogatepass")
+    return xxhash.xxh3_64_intdigest(folded) or 1  # 0: an empty slot
 
 
 def _shingle_hash(shingle: bytes) -> int:

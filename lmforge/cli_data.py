@@ -78,6 +78,7 @@ def bench_prepare_cmd(
     workers: Annotated[str, typer.Option(help="Worker counts to time, comma-separated")] = "1,2",
     dir: Annotated[Path, typer.Option(help="Scratch dir (corpus + outputs)")] = Path("runs/bench_prepare"),
     filters: Annotated[bool, typer.Option(help="FineWeb-like quality filters (else normalization + dedup)")] = True,
+    repeats: Annotated[int, typer.Option(min=1, help="Rounds; each configuration keeps its best")] = 3,
     json: Annotated[Path | None, typer.Option(help="Write results as JSON")] = None,
 ) -> None:
     """Throughput of prepare (clean + filter + dedup + tokenize + write) against raw encoding."""
@@ -85,7 +86,7 @@ def bench_prepare_cmd(
     from lmforge.fsutil import atomic_write_json
 
     res = bench_prepare(mbytes=mbytes, vocab_size=vocab_size, workers=[int(w) for w in workers.split(",")],
-                        dir=dir, log=typer.echo, filters=filters)
+                        dir=dir, log=typer.echo, filters=filters, repeats=repeats)
     print_prepare_table(res)
     if json:
         atomic_write_json(json, res)

@@ -107,7 +107,7 @@ def process_block(block: Block) -> dict:
         parts += (bos, ids, eos)
         lengths.append(len(bos) + len(ids) + 1)
         keys.append(key)
-        nbytes.append(len(text.encode("utf-8", "surrogatepass")))
+        nbytes.append(len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass")))
         if p.write_docs:
             lines.append(orjson.dumps({"text": text, **{k: doc.meta.get(k) for k in cfg.meta_fields}}) + b"\n")
         if _W["bands"]:

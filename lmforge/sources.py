@@ -211,7 +211,7 @@ def _jsonl(block: Block, cfg: DataConfig, stats: ReadStats | None) -> Iterator[D
     byte, field, metas = 0, cfg.text_field, cfg.meta_fields
     for i, line in enumerate(block.data.split(b"\n")):
         start, byte = byte, byte + len(line) + 1
-        if not line.strip():
+        if not line or line.isspace():  # not strip(): that copies every line to test it
             continue
         try:
             obj = orjson.loads(line)
@@ -233,7 +233,9 @@ def _jsonl(block: Block, cfg: DataConfig, stats: ReadStats | None) -> Iterator[D
                 stats.bad(_where(block, i, start))
                 continue
         meta = {"path": block.path, "line": block.line + i} if block.line else {"path": block.path}
-        yield Document(text, {**meta, **get_meta(obj, metas)} if metas else meta)
+        if metas:
+            meta.update(get_meta(obj, metas))
+        yield Document(text, meta)
 
 
 def _lines(block: Block, cfg: DataConfig, stats: ReadStats | None) -> Iterator[Document]:

@@ -291,11 +291,12 @@ def test_huge_single_line_document(tmp_path: Path) -> None:
 def test_bench_prepare_shape(tmp_path: Path) -> None:
     from lmforge.bench_prepare import bench_prepare, print_prepare_table
 
-    res = bench_prepare(mbytes=0.3, vocab_size=300, workers=[1, 2], dir=tmp_path, log=quiet)
+    res = bench_prepare(mbytes=0.3, vocab_size=300, workers=[1, 2], dir=tmp_path, log=quiet, repeats=2)
     names = [r["name"] for r in res["results"]]
     assert names == ["raw encode, 1 process", "raw encode, 2 processes", "prepare, 1 worker", "prepare, 2 workers",
                      "prepare, 2 workers + docs"]
     assert all(r["mb_per_s"] > 0 and r["tokens_per_s"] > 0 for r in res["results"])
+    assert all(len(r["round_seconds"]) == 2 and r["seconds"] == min(r["round_seconds"]) for r in res["results"])
     assert {"speedup_1_to_2_workers", "prepare_2_vs_raw_2"} <= set(res["summary"])
     assert res["results"][2]["docs_out"] < res["results"][2]["docs_in"]  # duplicates and junk were dropped
     orjson.dumps(res)
