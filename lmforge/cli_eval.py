@@ -140,7 +140,8 @@ def eval_cmd(
 def bench_eval_cmd(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint, run or exported HF dir")],
     data: Annotated[Path, typer.Option("--data", help="HellaSwag JSONL (hellaswag_val.jsonl)")],
-    examples: Annotated[int, typer.Option(min=1)] = 40,
+    examples: Annotated[int, typer.Option(min=1, help="Examples scored; batches fill better with more "
+                                          "(the full validation set has 10,042)")] = 200,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     repeats: Annotated[int, typer.Option(min=1, help="Rounds; each mode keeps its best time")] = 3,
     device: Annotated[str, typer.Option()] = "cpu",
