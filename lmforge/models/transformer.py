@@ -56,7 +56,9 @@ class Transformer(nn.Module):
         """idx (B, T) token ids → logits (B, T, vocab). `start_pos` offsets positions when decoding."""
         B, T = idx.shape
         end = start_pos + T
-        if end > self.cfg.seq_len:
+        # with explicit positions (packed rows: branches that restart after a shared prefix) a row may
+        # be longer than the context; its positions may not
+        if end > self.cfg.seq_len and (positions is None or int(positions.max()) >= self.cfg.seq_len):
             raise ValueError(f"sequence of {end} tokens exceeds the model's context of {self.cfg.seq_len}")
         x = self.tok_emb(idx)  # (B, T, n_embd)
         rope = None

@@ -135,7 +135,7 @@ def _units(groups: Sequence[Group], seq_len: int, share_context: bool) -> list[_
         if not g.context or not g.continuations or not all(g.continuations):
             raise ValueError(f"request {i}: the context and every continuation need at least one token")
         tree = _Unit(g, i, 0)
-        if share_context and tree.tree and tree.length <= seq_len:
+        if share_context and tree.tree and not is_truncated(g, seq_len):  # every branch fits its positions
             units.append(tree)
         else:
             units += [_Unit(_fit_row(g.context, c, seq_len), i, j) for j, c in enumerate(g.continuations)]
@@ -237,6 +237,11 @@ def _gather_scores(out: torch.Tensor, head: nn.Module | None, pred: list, tgt: l
     return scores
 
 
+def _params_dtype(model: nn.Module) -> torch.dtype | None:
+    p = next(model.parameters(), None)
+    return None if p is None else p.dtype
+
+
 @torch.inference_mode()
 def score_groups(model: nn.Module, groups: Sequence[Group], *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, batch_size: int = 16, max_tokens: int = 8192,
@@ -253,6 +258,10 @@ def score_groups(model: nn.Module, groups: Sequence[Group], *, device: torch.dev
         for batch in _plan(units, max(1, batch_size), max_tokens):
             x, extra = _pack(batch)
             kwargs = {k: v.to(device) for k, v in extra.items() if k in ("attn_mask", "positions")}
+            if "attn_mask" in kwargs and dtype == torch.float32 and _params_dtype(model) == torch.float32:
+                # the additive form, made once: SDPA converts a boolean mask again in every layer
+                kwargs["attn_mask"] = torch.zeros(kwargs["attn_mask"].shape, device=device).masked_fill_(
+                    ~kwargs["attn_mask"], float("-inf"))
             with autocast_ctx(device, dtype):
                 out = model(x.to(device), **kwargs)
                 scored = _gather_scores(out, head, extra["pred"], extra["tgt"])

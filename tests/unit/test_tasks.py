@@ -57,7 +57,8 @@ def random_groups(n: int, vocab: int = 300, seed: int = 0) -> list[Group]:
         ctx = [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
         k = rng.choice([1, 2, 4])
         out.append(Group(ctx, [[rng.randrange(vocab) for _ in range(rng.randint(1, 12))] for _ in range(k)]))
-    out.append(Group([1] * 60, [[2, 3, 4, 5, 6, 7, 8, 9]] * 3))  # a tree that does not fit: rows
+    out.append(Group([1] * 60, [[2, 3, 4, 5, 6, 7, 8, 9]] * 3))  # branches that do not fit: rows
+    out.append(Group([5] * 50, [[2, 3, 4, 5, 6, 7, 8, 9]] * 3))  # a tree of 71 tokens, each branch fits
     out.append(Group([1] * 10, [list(range(3, 80))]))  # a continuation longer than the window
     return out
 
@@ -76,6 +77,8 @@ def test_packed_scores_equal_plain_forward_passes(arch, monkeypatch):
         diff = max(abs(a - s.logprob) for r, row in zip(ref, got, strict=True) for a, s in zip(r, row, strict=True))
         assert diff < 1e-4, (kw, diff)
     assert got[-1][0].n_tokens == 64  # the long continuation keeps its last seq_len tokens
+    units = scoring._units(groups[-3:-1], 64, share_context=True)
+    assert [u.tree for u in units] == [False, False, False, True]  # rows where a branch would be cut
 
 
 def test_greedy_flag_and_truncation_count():
