@@ -78,6 +78,7 @@ def test_two_ranks_train_log_once_and_resume_exactly(tiny_base_recipe, ddp_ref, 
     assert res.returncode == 1 and "world_size: 2 -> 1" in res.stderr
 
 
+@pytest.mark.slow  # 45 s; tests/unit/test_ddp.py checks FSDP's sharding and its step in the default suite
 def test_fsdp_matches_ddp_resumes_exactly_and_loads_in_one_process(tiny_base_recipe, ddp_ref, tmp_path):
     ref_dir, _ = ddp_ref
     ddp_losses = losses(ref_dir)
