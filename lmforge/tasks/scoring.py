@@ -252,14 +252,15 @@ def score_groups(model: nn.Module, groups: Sequence[Group], *, device: torch.dev
     units = _units(groups, int(model.cfg.seq_len), share_context)
     results: list[list[ChoiceScore | None]] = [[None] * len(g.continuations) for g in groups]
     left = [len(g.continuations) for g in groups]
+    # fp32: masks in additive form, made once per batch (SDPA converts a boolean one in every layer)
+    additive = dtype == torch.float32 and _params_dtype(model) == torch.float32
     was_training = model.training
     model.eval()
     with _headless(model) as head:
         for batch in _plan(units, max(1, batch_size), max_tokens):
             x, extra = _pack(batch)
             kwargs = {k: v.to(device) for k, v in extra.items() if k in ("attn_mask", "positions")}
-            if "attn_mask" in kwargs and dtype == torch.float32 and _params_dtype(model) == torch.float32:
-                # the additive form, made once: SDPA converts a boolean mask again in every layer
+            if "attn_mask" in kwargs and additive:
                 kwargs["attn_mask"] = torch.zeros(kwargs["attn_mask"].shape, device=device).masked_fill_(
                     ~kwargs["attn_mask"], float("-inf"))
             with autocast_ctx(device, dtype):
