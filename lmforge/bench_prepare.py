@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from lmforge.bench_table import fastest_rounds
 from lmforge.bench_tokenizer import machine_info
 from lmforge.config import Recipe
 from lmforge.fsutil import atomic_path, atomic_write_json, read_json
@@ -38,7 +39,7 @@ CORPUS_VERSION = 2
 def make_corpus(path: Path, mbytes: float, seed: int = 0) -> dict:
     """Write about `mbytes` MB of JSONL; returns {"docs", "text_bytes", "file_bytes"} (cached beside it).
 
-    Document lengths follow a log-normal law like web text's: median about 1.9 KB, mean about 2.9 KB
+    Document lengths follow a log-normal law like web text's: median about 1.8 KB, mean about 2.7 KB
     (FineWeb's documents average roughly 3 KB). Length matters here: the per-document work of the
     pipeline is a fixed cost, encoding is paid per byte."""
     info_path = path.with_suffix(".info.json")
@@ -117,8 +118,7 @@ def _recipe(dir: Path, corpus: Path, vocab_size: int, workers: int, docs: bool =
 def bench_prepare(mbytes: float = 200.0, vocab_size: int = 32768, workers: list[int] | None = None,
                   dir: Path = Path("runs/bench_prepare"), log: Callable[[str], object] = print,
                   filters: bool = True, repeats: int = 3) -> dict:
-    """Every configuration once per round, `repeats` rounds; each keeps its fastest round (another
-    tenant's load only ever slows a run down, and rounds interleave so all see the same machine)."""
+    """Every configuration in `repeats` interleaved rounds, each keeping its fastest (`fastest_rounds`)."""
     from lmforge.prepare import run_prepare
     from lmforge.tokenizer import ensure_tokenizer
 
@@ -138,16 +138,8 @@ def bench_prepare(mbytes: float = 200.0, vocab_size: int = 32768, workers: list[
 
     jobs = [lambda procs=procs: raw_encode(corpus, tok, procs) for procs in sorted({1, *(workers or [1, 2])})]
     jobs += [lambda w=w, docs=docs: prepare(w, docs) for w, docs in runs]
-    best: list[dict] = [{}] * len(jobs)
-    rounds: list[list[float]] = [[] for _ in jobs]
-    for k in range(max(1, repeats)):
-        for j, job in enumerate(jobs):
-            row = job()
-            rounds[j].append(row["seconds"])
-            if not best[j] or row["seconds"] < best[j]["seconds"]:
-                best[j] = row
-            log(f"round {k + 1}/{repeats} {row['name']}: {row['mb_per_s']:.1f} MB/s")
-    results = [{**row, "round_seconds": r} for row, r in zip(best, rounds, strict=True)]
+    results = fastest_rounds(jobs, repeats, lambda k, row: log(
+        f"round {k}/{repeats} {row['name']}: {row['mb_per_s']:.1f} MB/s"))
     by = {r["name"]: r["mb_per_s"] for r in results}
     summary = {}
     if "prepare, 1 worker" in by and "prepare, 2 workers" in by:

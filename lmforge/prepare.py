@@ -83,7 +83,7 @@ def process_block(block: Block) -> dict:
     eos = np.array([tok.eos_id], np.uint32)
     parts: list[np.ndarray] = []
     lengths, keys, nbytes, lines, bands = [], [], [], [], []
-    docs_in = chars_in = 0
+    docs_in = chars_in = copies = 0
     # an exact copy of a document kept earlier in this block is dropped here, before it is encoded:
     # the main process would drop it anyway (it dedups in input order), and encoding is the cost
     seen: set[int] | None = set() if p.dedup != "none" else None
@@ -95,7 +95,7 @@ def process_block(block: Block) -> dict:
         if reason is None:
             key = dedup_key(text)
             if seen is not None and key in seen:
-                dropped["dup_exact"] += 1
+                copies += 1
                 continue
             ids = _encode(tok, text)
             reason = "min_tokens" if len(ids) < p.min_tokens else None
@@ -115,7 +115,7 @@ def process_block(block: Block) -> dict:
             bands.append(minhash_bands(text, p.minhash_perms, b, r, p.minhash_ngram))
     counts = {"docs_in": docs_in, "chars_in": chars_in, "bytes_in": block.nbytes, "malformed": stats.malformed,
               "utf8_replaced": stats.utf8_replaced, "empty": stats.empty,
-              "dup_exact": dropped.pop("dup_exact", 0), **{f"drop:{k}": v for k, v in dropped.items()}}
+              "dup_exact": copies, **{f"drop:{k}": v for k, v in dropped.items()}}
     tokens = np.concatenate(parts) if parts else np.empty(0, np.uint32)
     # one buffer and its line ends, not a list: a list of small bytes objects costs more to pass around
     line_ends = np.cumsum(np.fromiter(map(len, lines), np.int64, len(lines)))

@@ -92,29 +92,30 @@ def run(em: EvalModel, data: HellaswagData, opts: TaskOptions, progress: Progres
 def bench(em: EvalModel, data: HellaswagData, n: int, batch_size: int, seed: int = 1234,
           repeats: int = 3) -> list[dict]:
     """Examples/s of three ways to score the same n examples: one forward per ending (unbatched), the
-    context shared by the endings, and shared contexts batched. The modes take turns, `repeats`
-    rounds, and each keeps its best time (a shared machine's noise only ever slows a run down).
-    The scores of every mode must agree."""
+    context shared by the endings, and shared contexts batched, in `repeats` interleaved rounds that
+    each keep their fastest (`bench_table.fastest_rounds`). The scores of every mode must agree."""
     import time
+
+    from lmforge.bench_table import fastest_rounds
 
     chosen = [data.items[i] for i in pick(len(data.items), n, seed)]
     groups = groups_for(em, chosen)
     tokens = sum(len(g.context) * len(g.continuations) + sum(map(len, g.continuations)) for g in groups)
     modes = [("unbatched", 1, False), ("shared context", 1, True), ("batched", batch_size, True)]
-    best = dict.fromkeys(range(len(modes)), float("inf"))
-    flat: dict[int, list[float]] = {}
-    for _ in range(max(1, repeats)):
-        for m, (_, bs, share) in enumerate(modes):
-            em.batch_size, em.share_context = bs, share
-            em.score(groups[:2])  # warm-up: first-call allocations stay out of the timing
-            t0 = time.perf_counter()
-            scores = em.score(groups)
-            best[m] = min(best[m], time.perf_counter() - t0)
-            flat[m] = [s.logprob for row in scores for s in row]
+
+    def timed(bs: int, share: bool) -> dict:
+        em.batch_size, em.share_context = bs, share
+        em.score(groups[:2])  # warm-up: first-call allocations stay out of the timing
+        t0 = time.perf_counter()
+        scores = em.score(groups)
+        return {"seconds": time.perf_counter() - t0, "logprobs": [s.logprob for row in scores for s in row]}
+
+    rows = fastest_rounds([lambda bs=bs, share=share: timed(bs, share) for _, bs, share in modes], repeats)
     out = []
-    for m, (name, bs, share) in enumerate(modes):
-        diff = max(abs(a - b) for a, b in zip(flat[m], flat[0], strict=True))
+    for (name, bs, share), row in zip(modes, rows, strict=True):
+        t = row["seconds"]
+        diff = max(abs(a - b) for a, b in zip(row["logprobs"], rows[0]["logprobs"], strict=True))
         out.append({"name": name, "batch_size": bs, "share_context": share, "examples": len(groups),
-                    "seconds": best[m], "examples_per_s": len(groups) / best[m], "tokens_per_s": tokens / best[m],
-                    "max_abs_diff": diff, "speedup": best[0] / best[m]})
+                    "seconds": t, "examples_per_s": len(groups) / t, "tokens_per_s": tokens / t,
+                    "max_abs_diff": diff, "speedup": rows[0]["seconds"] / t})
     return out

@@ -237,11 +237,6 @@ def _gather_scores(out: torch.Tensor, head: nn.Module | None, pred: list, tgt: l
     return scores
 
 
-def _params_dtype(model: nn.Module) -> torch.dtype | None:
-    p = next(model.parameters(), None)
-    return None if p is None else p.dtype
-
-
 @torch.inference_mode()
 def score_groups(model: nn.Module, groups: Sequence[Group], *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, batch_size: int = 16, max_tokens: int = 8192,
@@ -253,7 +248,7 @@ def score_groups(model: nn.Module, groups: Sequence[Group], *, device: torch.dev
     results: list[list[ChoiceScore | None]] = [[None] * len(g.continuations) for g in groups]
     left = [len(g.continuations) for g in groups]
     # fp32: masks in additive form, made once per batch (SDPA converts a boolean one in every layer)
-    additive = dtype == torch.float32 and _params_dtype(model) == torch.float32
+    additive = dtype == torch.float32 and next(model.parameters()).dtype == torch.float32
     was_training = model.training
     model.eval()
     with _headless(model) as head:
