@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.bench_table import fastest_rounds
 from lmforge.config import ModelConfig
 from lmforge.engine import Engine
 from lmforge.models.transformer import Transformer
@@ -152,11 +153,6 @@ def step_breakdown(model: Transformer, context: int = 64, steps: int = 50) -> di
             "other_ops_ms": 1000 * (forward - matmul)}
 
 
-def _best(fn: Callable[[], dict], repeats: int, key: str = "tokens_per_s") -> dict:
-    runs = [fn() for _ in range(repeats)]
-    return max(runs, key=lambda r: r[key])
-
-
 def machine_info(opts: BenchOptions) -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -179,13 +175,16 @@ def bench_generate(opts: BenchOptions, log: Callable[[str], object] = print) -> 
     for B in opts.batches:
         prompts = _prompts(cfg, B, opts.prompt_len)
         time_engine(model, prompts[:, :8], 8, opts.compile)  # warm-up (and compilation)
-        ours = _best(lambda p=prompts: time_engine(model, p, opts.new_tokens, opts.compile), opts.repeats)
+        jobs = [lambda p=prompts: time_engine(model, p, opts.new_tokens, opts.compile)]
+        if hf is not None:
+            time_transformers(hf, prompts[:, :8], 8)
+            jobs.append(lambda p=prompts: time_transformers(hf, p, opts.new_tokens))
+        ours, *theirs = fastest_rounds(jobs, opts.repeats)  # interleaved: both meet the same machine
         results.append({"name": f"lmforge b{B}", "batch": B, **ours})
         log(f"lmforge      batch {B}: {ours['tokens_per_s']:.0f} tokens/s ({ours['ms_per_step']:.2f} ms/step), "
             f"prefill {ours['prefill_tokens_per_s']:.0f} tokens/s, TTFT {ours['ttft_ms']:.1f} ms")
-        if hf is not None:
-            time_transformers(hf, prompts[:, :8], 8)
-            theirs = _best(lambda p=prompts: time_transformers(hf, p, opts.new_tokens), opts.repeats)
+        if theirs:
+            theirs = theirs[0]
             tokens = theirs.pop("tokens")
             results.append({"name": f"transformers b{B}", "batch": B, **theirs})
             summary[f"speedup_b{B}"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
@@ -232,7 +231,7 @@ def _bench_int8(model, opts: BenchOptions, summary: dict, log) -> list[dict]:
     for B in opts.batches:
         prompts = _prompts(model.cfg, B, opts.prompt_len)
         time_engine(q, prompts[:, :8], 8)
-        r = _best(lambda p=prompts: time_engine(q, p, opts.new_tokens), opts.repeats)
+        r, = fastest_rounds([lambda p=prompts: time_engine(q, p, opts.new_tokens)], opts.repeats)
         out.append({"name": f"lmforge int8 b{B}", "batch": B, **r})
         log(f"lmforge int8 batch {B}: {r['tokens_per_s']:.0f} tokens/s ({r['ms_per_step']:.2f} ms/step)")
     if opts.val_shards:

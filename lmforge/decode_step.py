@@ -1,15 +1,16 @@
 """One decode step (one new token per row) of `models.transformer.Transformer`, written for speed.
 
 It computes what `Transformer.forward` computes for T = 1, with fewer operator calls per layer
-(rotary embedding of q and k together, 2-D activations, cache writes in place) and, on the CPU in
-fp32, with each weight also kept in other layouts: for the few rows of a decode step, the BLAS call
-behind `nn.Linear` is far from the best kernel. On one AVX2 machine the output layer (16,384 x 384)
-took 3.8 ms at B=1 as nn.Linear, 1.5 ms from an (in, out) copy and 2.0 ms from weights packed for
-oneDNN; at B=8, 9.0 ms, 12.8 ms and 3.2 ms. Another machine ranked them differently (at B=8 it
-preferred nn.Linear over 2048-row blocks). So each layer times these ways inside the first decode
-steps of each batch size and keeps the fastest. The copies cost memory (about twice the weights,
-up to COPY_BUDGET). Tests compare the engine's output with the model's own forward pass, so the
-ways cannot drift apart.
+(rotary embedding of q and k together, 2-D activations, cache writes in place, RMSNorm as one
+LayerNorm kernel) and, on the CPU in fp32, with each weight also kept in other layouts: for the few
+rows of a decode step, the BLAS call behind `nn.Linear` is far from the best kernel. On one 2-core
+AVX2 machine the output layer (16,384 x 384) took 4.3 ms at B=1 as nn.Linear, 2.0 ms from weights
+packed for oneDNN, 1.7 ms from an (in, out) copy and 1.2 ms from that copy cut into two batched
+halves (one per thread: a matrix-vector product runs on one core); at B=8, 7.7, 2.8, 10.8 and
+6.2 ms. Another machine ranked them differently (at B=8 it preferred nn.Linear over 2048-row
+blocks). So each layer times these ways inside the first decode steps of each batch size and keeps
+the fastest. The copies cost memory (about twice the weights, up to COPY_BUDGET). Tests compare the
+engine's output with the model's own forward pass, so the ways cannot drift apart.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.kv_cache import KVCache
+from lmforge.models.layers import RMSNorm
 
-COLUMN_BLOCK = 4096
 ROW_BLOCK = 2048
 TRIALS = 3
 """Timed calls of each layout per (layer, batch size) before the faster one is kept."""
@@ -55,11 +56,17 @@ class DecodeStep:
         self._times: dict[tuple[nn.Module, int], list[list[float]]] = {}
         self._choice: dict[tuple[nn.Module, int], int] = {}
         self._copied = 0
+        # RMSNorm as a LayerNorm of [x, -x] (mean 0, variance mean(x^2): the same numbers): on the
+        # CPU, F.rms_norm is six operator calls (~80 us per call inside the decode loop, ~1 ms of a
+        # 9 ms step), LayerNorm one fused kernel
+        self._doubled = {mod: torch.cat([mod.weight, mod.weight]).detach() for mod in model.modules()
+                         if isinstance(mod, RMSNorm) and self.transpose}
 
     def _ways_of(self, mod: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
         """The ways to compute a linear layer, made on first use: as it is, from weights packed in
-        oneDNN's blocked layout, from an (in, out) copy in column blocks (out >= in), and (very wide
-        layers) in row blocks. None where only the first applies (quantized layers)."""
+        oneDNN's blocked layout, from an (in, out) copy, from that copy split along `in` into
+        batched matmuls (one per thread), and (very wide layers) in row blocks. None where only the
+        first applies (quantized layers)."""
         ways = self._ways.get(mod, False)
         if ways is False:
             w = getattr(mod, "weight", None)
@@ -67,16 +74,16 @@ class DecodeStep:
             if isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == torch.float32:
                 w = w.detach()
                 ways = [mod]
-                wide = w.shape[0] >= w.shape[1]
-                size = w.numel() * w.element_size() * (1 + wide)
+                size = 2 * w.numel() * w.element_size()
                 if self._copied + size <= COPY_BUDGET:
                     self._copied += size
                     packed = _onednn_pack(w)
                     if packed is not None:
                         ways.append(functools.partial(_onednn, packed, mod.bias))
-                    if wide:
-                        ways.append(functools.partial(
-                            _columns, [c.t().contiguous() for c in w.split(COLUMN_BLOCK)], mod.bias))
+                    wt = w.t().contiguous()
+                    ways.append(functools.partial(_transposed, wt, mod.bias))
+                    ways += [functools.partial(_split_inputs, wt.view(p, -1, wt.shape[1]), mod.bias)
+                             for p in k_splits(wt.shape[0])]
                 if w.shape[0] >= 2 * ROW_BLOCK:  # views, no copy
                     bias = mod.bias.split(ROW_BLOCK) if mod.bias is not None else [None] * len(w.split(ROW_BLOCK))
                     ways.append(functools.partial(_rows, list(zip(w.split(ROW_BLOCK), bias, strict=True))))
@@ -120,7 +127,7 @@ class DecodeStep:
             rows = torch.arange(B, device=tokens.device)
         nq, nqk = self.nh, self.nh + self.nkv
         for i, blk in enumerate(m.blocks):
-            qkv = self._linear(blk.attn.qkv, blk.norm1(x)).view(B, nqk + self.nkv, self.hd)
+            qkv = self._linear(blk.attn.qkv, self._norm(blk.norm1, x)).view(B, nqk + self.nkv, self.hd)
             qk = qkv[:, :nqk]
             if self.llama:
                 qk = torch.addcmul(qk * cos, qk.roll(self.hd // 2, -1), sin)
@@ -134,8 +141,15 @@ class DecodeStep:
                 qk[:, :nq].unsqueeze(2), cache.k[i, :B, :, :kv_len], cache.v[i, :B, :, :kv_len],
                 attn_mask=mask, enable_gqa=self.nkv != self.nh)  # (B, n_head, 1, head_dim)
             x = x + self._linear(blk.attn.proj, y.view(B, nq * self.hd))
-            x = x + self._mlp(blk.mlp, blk.norm2(x))
-        return self._linear(m.lm_head, m.norm(x))
+            x = x + self._mlp(blk.mlp, self._norm(blk.norm2, x))
+        return self._linear(m.lm_head, self._norm(m.norm, x))
+
+    def _norm(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        w2 = self._doubled.get(mod)
+        if w2 is None:
+            return mod(x)
+        n = x.shape[-1]
+        return F.layer_norm(torch.cat([x, x.neg()], -1), (2 * n,), w2, None, mod.eps)[:, :n]
 
     def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         h = self._linear(mlp.up, x)
@@ -162,9 +176,25 @@ def _onednn(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) ->
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def _columns(wt: list[torch.Tensor], bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """x @ W.T from the (in, out) column blocks of W."""
-    y = x @ wt[0] if len(wt) == 1 else torch.cat([x @ w for w in wt], dim=-1)
+def k_splits(n_in: int) -> list[int]:
+    """How many pieces to cut a layer's inputs into for `_split_inputs`: one or two per thread."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return []
+    return [p for p in (threads, 2 * threads) if n_in % p == 0 and n_in // p >= 16]
+
+
+def _transposed(wt: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x @ W.T from an (in, out) copy of W."""
+    return x @ wt if bias is None else torch.addmm(bias, x, wt)
+
+
+def _split_inputs(wt: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x @ W.T as the sum of P products of slices of x's features and of wt (P, in/P, out): a
+    batched matmul spreads its batch over the threads, where one matrix-vector product of a few rows
+    runs on one thread (the bandwidth of one core: on a 2-core AVX2 machine 12 GB/s, 20 with two)."""
+    P, k, _ = wt.shape
+    y = torch.bmm(x.reshape(x.shape[0], P, k).transpose(0, 1), wt).sum(0)
     return y if bias is None else y + bias
 
 

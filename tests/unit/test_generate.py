@@ -294,28 +294,52 @@ def test_compiled_engine_matches_eager(tok):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_decode_step_times_each_way_then_keeps_one_and_every_way_matches_the_model(arch):
-    from lmforge.decode_step import ROW_BLOCK, TRIALS, DecodeStep
+    from lmforge.decode_step import ROW_BLOCK, TRIALS, DecodeStep, k_splits
     from lmforge.kv_cache import KVCache
 
     torch.manual_seed(0)
-    # a vocabulary of two row blocks: the output layer gets all four ways (as is, oneDNN, columns, rows)
+    # a vocabulary of two row blocks: the output layer gets every way (as is, oneDNN, (in, out) copy,
+    # its input splits, row blocks)
     model = Transformer(ModelConfig(arch=arch, vocab_size=2 * ROW_BLOCK, n_embd=64, n_layer=2, n_head=4,
                                     n_kv_head=2, seq_len=64)).eval()
     step = DecodeStep(model)
     assert step.transpose  # fp32 on the CPU: the other ways are candidates
     B, ctx = 3, 5
-    x = torch.randint(0, 2 * ROW_BLOCK, (B, ctx + 4 * TRIALS + 3))
+    n_ways = 4 + len(k_splits(64))
+    tuning = n_ways * TRIALS
+    x = torch.randint(0, 2 * ROW_BLOCK, (B, ctx + tuning + n_ways))
     cache = KVCache(model.cfg, B, x.shape[1], torch.device("cpu"), torch.float32)
     with torch.no_grad():
         model(x[:, :ctx], kv_cache=cache)
         full = model(x)  # (B, T, vocab): what every decode step must reproduce
         for t in range(ctx, x.shape[1]):
-            if t == ctx + 4 * TRIALS:  # every layer has now timed each of its ways TRIALS times
+            if t == ctx + tuning:  # every layer has now timed each of its ways TRIALS times
                 tuned = {m for m, ways in step._ways.items() if ways is not None}
                 assert {m for m, _ in step._choice} == tuned and all(b == B for _, b in step._choice)
-                assert len(step._ways[model.lm_head]) == 4
-                assert len(step._ways[model.blocks[0].mlp.down]) == 2  # narrow: as is, oneDNN
-            if t >= ctx + 4 * TRIALS:  # and then each way in turn, for every layer: all exact
+                assert len(step._ways[model.lm_head]) == n_ways
+                down = model.blocks[0].mlp.down
+                assert len(step._ways[down]) == 3 + len(k_splits(down.in_features))  # no row blocks
+            if t >= ctx + tuning:  # and then each way in turn, for every layer: all exact
                 step._choice = {k: (t - ctx) % len(step._ways[k[0]]) for k in step._choice}
             out = step(x[:, t], [t] * B, cache)
             torch.testing.assert_close(out, full[:, t], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_step_input_splits_follow_the_threads_and_equal_the_linear(threads):
+    from lmforge.decode_step import _split_inputs, k_splits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        splits = k_splits(96)
+        assert k_splits(40) == {1: [], 2: [2], 3: []}[threads]  # 40/2 = 20 >= 16; 40/4 = 10 too few
+    finally:
+        torch.set_num_threads(before)
+    assert splits == {1: [], 2: [2, 4], 3: [3, 6]}[threads]
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 200)
+    x = torch.randn(5, 96)
+    wt = lin.weight.detach().t().contiguous()
+    for p in (2, 4, 6):
+        torch.testing.assert_close(_split_inputs(wt.view(p, -1, 200), lin.bias, x), lin(x), atol=1e-5, rtol=1e-5)
