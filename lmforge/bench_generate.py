@@ -124,9 +124,10 @@ def time_transformers(hf, prompts: torch.Tensor, new_tokens: int) -> dict:
 
 @torch.inference_mode()
 def step_breakdown(model: Transformer, context: int = 64, steps: int = 50) -> dict:
-    """Where one batch-1 decode step goes: engine total vs the model's forward vs its matmuls alone."""
-    import torch.nn.functional as F
-
+    """Where one batch-1 decode step goes: the model's own forward pass (what transformers-style code
+    runs per token) against the engine's decode step, and that step with its matmuls taken out
+    (each linear layer hands back its first output), which leaves the other operators and Python."""
+    from lmforge.decode_step import DecodeStep, supports
     from lmforge.kv_cache import KVCache
 
     p = next(model.parameters())
@@ -136,21 +137,34 @@ def step_breakdown(model: Transformer, context: int = 64, steps: int = 50) -> di
     x = torch.randint(0, model.cfg.vocab_size, (1, context), device=p.device)
     model(x, kv_cache=cache)
     tok = x[:, -1:]
-    t0 = time.perf_counter()
-    for i in range(steps):
-        model(tok, kv_cache=cache, start_pos=context + i)
-    forward = (time.perf_counter() - t0) / steps
-    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    h = torch.randn(1, model.cfg.n_embd, device=p.device, dtype=p.dtype)
-    inputs = [torch.randn(1, w.shape[1], device=p.device, dtype=p.dtype) for w in linears]
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        for w, a in zip(linears, inputs, strict=True):
-            F.linear(a, w)
-    matmul = (time.perf_counter() - t0) / steps
-    del h
-    return {"forward_ms": 1000 * forward, "matmul_ms": 1000 * matmul,
-            "other_ops_ms": 1000 * (forward - matmul)}
+
+    def per_step(fn: Callable[[int], object]) -> float:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            fn(context + i)
+        return 1000 * (time.perf_counter() - t0) / steps
+
+    out = {"forward_ms": per_step(lambda pos: model(tok, kv_cache=cache, start_pos=pos))}
+    if supports(model):
+        step = DecodeStep(model)
+        def run(pos: int) -> None:
+            step(tok[:, 0], [pos], cache)
+
+        per_step(run)  # the first steps time each layer's ways and keep one
+        out["decode_step_ms"] = per_step(run)
+        outputs: dict = {}
+        linear = step._linear
+
+        def first_output(mod: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+            if mod not in outputs:
+                outputs[mod] = linear(mod, h)
+            return outputs[mod]
+
+        step._linear = first_output
+        per_step(run)
+        out["other_ops_ms"] = per_step(run)
+        out["matmul_ms"] = out["decode_step_ms"] - out["other_ops_ms"]
+    return out
 
 
 def machine_info(opts: BenchOptions) -> dict:
@@ -193,8 +207,10 @@ def bench_generate(opts: BenchOptions, log: Callable[[str], object] = print) -> 
                 f"ms/step) → lmforge is {summary[f'speedup_b{B}']:.2f}x; same greedy tokens: {same:.0%}")
     if 1 in opts.batches:
         summary["step_breakdown_b1"] = step_breakdown(model)
-        log("batch-1 step: forward {forward_ms:.2f} ms = matmuls {matmul_ms:.2f} ms + other ops "
-            "{other_ops_ms:.2f} ms".format(**summary["step_breakdown_b1"]))
+        b = summary["step_breakdown_b1"]
+        log(f"batch-1 step: model forward {b['forward_ms']:.2f} ms; " + (
+            "engine decode step {decode_step_ms:.2f} ms = matmuls {matmul_ms:.2f} ms + other ops and "
+            "Python {other_ops_ms:.2f} ms".format(**b) if "decode_step_ms" in b else "no decode step"))
     if opts.quantize:
         results += _bench_int8(model, opts, summary, log)
     if opts.server:

@@ -281,6 +281,8 @@ def test_bench_generate_smoke(tmp_path, tok, tiny_tokenizer_dir, tiny_shards_dir
     s = res["summary"]
     assert s["speedup_b1"] > 0 and abs(s["int8_val_loss"]["change"]) < 1.0
     assert s["dynamic_batching_gain"] > 0 and "server_overhead" in s
+    b = s["step_breakdown_b1"]
+    assert min(b["decode_step_ms"], b["other_ops_ms"]) > 0 and b["matmul_ms"] == b["decode_step_ms"] - b["other_ops_ms"]
 
 
 @pytest.mark.slow
