@@ -51,7 +51,10 @@ class DecodeStep:
             # rotate_half(x) * sin == roll(x, half) * sin_signed, one roll instead of slice+neg+cat
             self.sin_signed = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], -1)
         p = model.tok_emb.weight
-        self.transpose = p.device.type == "cpu" and p.dtype == torch.float32
+        # on the CPU each linear layer times other ways (see the module's docstring); bf16/fp16 layers
+        # also try fp32 copies: without native bf16 matmuls (AVX2) the bf16 output layer took 7.9 ms
+        # at 8 rows here, its fp32 oneDNN copy 2.8 ms (at 1 row bf16 wins: half the bytes to read)
+        self.cpu = p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
         self._ways: dict[nn.Module, list[Callable[[torch.Tensor], torch.Tensor]] | None] = {}
         self._times: dict[tuple[nn.Module, int], list[list[float]]] = {}
         self._choice: dict[tuple[nn.Module, int], int] = {}
@@ -60,7 +63,7 @@ class DecodeStep:
         # CPU, F.rms_norm is six operator calls (~80 us per call inside the decode loop, ~1 ms of a
         # 9 ms step), LayerNorm one fused kernel
         self._doubled = {mod: torch.cat([mod.weight, mod.weight]).detach() for mod in model.modules()
-                         if isinstance(mod, RMSNorm) and self.transpose}
+                         if isinstance(mod, RMSNorm) and self.cpu}
 
     def _ways_of(self, mod: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
         """The ways to compute a linear layer, made on first use: as it is, from weights packed in
@@ -71,20 +74,24 @@ class DecodeStep:
         if ways is False:
             w = getattr(mod, "weight", None)
             ways = None
-            if isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == torch.float32:
-                w = w.detach()
+            if isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.is_floating_point():
+                w, bias = w.detach().float(), None if mod.bias is None else mod.bias.detach().float()
                 ways = [mod]
                 size = 2 * w.numel() * w.element_size()
                 if self._copied + size <= COPY_BUDGET:
                     self._copied += size
+                    fast = []
                     packed = _onednn_pack(w)
                     if packed is not None:
-                        ways.append(functools.partial(_onednn, packed, mod.bias))
+                        fast.append(functools.partial(_onednn, packed, bias))
                     wt = w.t().contiguous()
-                    ways.append(functools.partial(_transposed, wt, mod.bias))
-                    ways += [functools.partial(_split_inputs, wt.view(p, -1, wt.shape[1]), mod.bias)
+                    fast.append(functools.partial(_transposed, wt, bias))
+                    fast += [functools.partial(_split_inputs, wt.view(p, -1, wt.shape[1]), bias)
                              for p in k_splits(wt.shape[0])]
-                if w.shape[0] >= 2 * ROW_BLOCK:  # views, no copy
+                    if mod.weight.dtype != torch.float32:
+                        fast = [functools.partial(_in_fp32, f) for f in fast]
+                    ways += fast
+                if w.shape[0] >= 2 * ROW_BLOCK and mod.weight.dtype == torch.float32:  # views, no copy
                     bias = mod.bias.split(ROW_BLOCK) if mod.bias is not None else [None] * len(w.split(ROW_BLOCK))
                     ways.append(functools.partial(_rows, list(zip(w.split(ROW_BLOCK), bias, strict=True))))
                 if len(ways) == 1:
@@ -93,7 +100,7 @@ class DecodeStep:
         return ways
 
     def _linear(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        ways = self._ways_of(mod) if self.transpose else None
+        ways = self._ways_of(mod) if self.cpu else None
         if ways is None:
             return mod(x)
         key = (mod, x.shape[0])
@@ -196,6 +203,10 @@ def _split_inputs(wt: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) 
     P, k, _ = wt.shape
     y = torch.bmm(x.reshape(x.shape[0], P, k).transpose(0, 1), wt).sum(0)
     return y if bias is None else y + bias
+
+
+def _in_fp32(way: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return way(x.float()).to(x.dtype)
 
 
 def _rows(blocks: list[tuple[torch.Tensor, torch.Tensor | None]], x: torch.Tensor) -> torch.Tensor:
