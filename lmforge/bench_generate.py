@@ -147,6 +147,7 @@ def step_breakdown(model: Transformer, context: int = 64, steps: int = 50) -> di
     out = {"forward_ms": per_step(lambda pos: model(tok, kv_cache=cache, start_pos=pos))}
     if supports(model):
         step = DecodeStep(model)
+
         def run(pos: int) -> None:
             step(tok[:, 0], [pos], cache)
 

@@ -2,14 +2,14 @@
 
 It computes what `Transformer.forward` computes for T = 1, with fewer operator calls per layer
 (rotary embedding of q and k together, 2-D activations, cache writes in place, RMSNorm as one
-LayerNorm kernel) and, on the CPU in fp32, with each weight also kept in other layouts: for the few
+LayerNorm kernel) and, on the CPU, with each weight also kept in other fp32 layouts: for the few
 rows of a decode step, the BLAS call behind `nn.Linear` is far from the best kernel. On one 2-core
 AVX2 machine the output layer (16,384 x 384) took 4.3 ms at B=1 as nn.Linear, 2.0 ms from weights
 packed for oneDNN, 1.7 ms from an (in, out) copy and 1.2 ms from that copy cut into two batched
 halves (one per thread: a matrix-vector product runs on one core); at B=8, 7.7, 2.8, 10.8 and
 6.2 ms. Another machine ranked them differently (at B=8 it preferred nn.Linear over 2048-row
 blocks). So each layer times these ways inside the first decode steps of each batch size and keeps
-the fastest. The copies cost memory (about twice the weights, up to COPY_BUDGET). Tests compare the
+the fastest. The copies cost memory (two fp32 copies of each weight, up to COPY_BUDGET). Tests compare the
 engine's output with the model's own forward pass, so the ways cannot drift apart.
 """
 
