@@ -9,8 +9,8 @@ packed for oneDNN, 1.7 ms from an (in, out) copy and 1.2 ms from that copy cut i
 halves (one per thread: a matrix-vector product runs on one core); at B=8, 7.7, 2.8, 10.8 and
 6.2 ms. Another machine ranked them differently (at B=8 it preferred nn.Linear over 2048-row
 blocks). So each layer times these ways inside the first decode steps of each batch size and keeps
-the fastest. The copies cost memory (two fp32 copies of each weight, up to COPY_BUDGET). Tests compare the
-engine's output with the model's own forward pass, so the ways cannot drift apart.
+the fastest. The copies cost memory (two fp32 copies of each weight, up to COPY_BUDGET). Tests
+compare the engine's output with the model's own forward pass, so the ways cannot drift apart.
 """
 
 from __future__ import annotations
