@@ -194,12 +194,13 @@ def bench_generate(opts: BenchOptions, log: Callable[[str], object] = print) -> 
         if hf is not None:
             time_transformers(hf, prompts[:, :8], 8)
             jobs.append(lambda p=prompts: time_transformers(hf, p, opts.new_tokens))
-        ours, *theirs = fastest_rounds(jobs, opts.repeats)  # interleaved: both meet the same machine
+        rows = fastest_rounds(jobs, opts.repeats)  # interleaved: both meet the same machine
+        ours = rows[0]
         results.append({"name": f"lmforge b{B}", "batch": B, **ours})
         log(f"lmforge      batch {B}: {ours['tokens_per_s']:.0f} tokens/s ({ours['ms_per_step']:.2f} ms/step), "
             f"prefill {ours['prefill_tokens_per_s']:.0f} tokens/s, TTFT {ours['ttft_ms']:.1f} ms")
-        if theirs:
-            theirs = theirs[0]
+        if hf is not None:
+            theirs = rows[1]
             tokens = theirs.pop("tokens")
             results.append({"name": f"transformers b{B}", "batch": B, **theirs})
             summary[f"speedup_b{B}"] = ours["tokens_per_s"] / theirs["tokens_per_s"]

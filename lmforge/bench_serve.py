@@ -124,8 +124,10 @@ def bench_server(model, tokenizer, new_tokens: int = 256, clients: int = 8, repe
         # first, then interleaved rounds, each server keeping its fastest
         _concurrent(url, prompts, n // 4)
         _concurrent(serial_url, prompts[:1], n // 4)
-        batched, serial = (min(r) for r in zip(*[(_concurrent(url, prompts, n), _concurrent(serial_url, prompts, n))
-                                                  for _ in range(min(repeats, 2))], strict=True))
+        batched = serial = float("inf")
+        for _ in range(min(repeats, 2)):
+            batched = min(batched, _concurrent(url, prompts, n))
+            serial = min(serial, _concurrent(serial_url, prompts, n))
     direct, http = min(d for d, _ in pairs), min(h for _, h in pairs)
     # HTTP + queue: the request's time less its row's time inside the engine, both from the same
     # request, so the machine's noise (which moves `http - direct` by +-10% here) cancels out

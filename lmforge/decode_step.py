@@ -63,7 +63,7 @@ class DecodeStep:
         # CPU, F.rms_norm is six operator calls (~80 us per call inside the decode loop, ~1 ms of a
         # 9 ms step), LayerNorm one fused kernel
         self._doubled = {mod: torch.cat([mod.weight, mod.weight]).detach() for mod in model.modules()
-                         if isinstance(mod, RMSNorm) and self.cpu}
+                         if isinstance(mod, RMSNorm)} if self.cpu else {}
 
     def _ways_of(self, mod: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
         """The ways to compute a linear layer, made on first use: as it is, from weights packed in
